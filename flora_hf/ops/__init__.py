@@ -1,0 +1,43 @@
+"""The one math core: adapter formulas for a batch with a different adapter per row (DESIGN §2).
+
+The PEFT layers in :mod:`flora_hf.flora` and the serving engine both call these functions; nothing else in the
+project writes the FLoRA, LoRA or IA3 math.
+"""
+
+from .cost import FLoRAPath, FLoRAShape, choose_flora_path
+from .flora import (
+    build_flora_bank,
+    compose_flora,
+    dense_matmul,
+    flora_delta_weight,
+    flora_linear,
+    flora_merged,
+    flora_rank1,
+    flora_stacked,
+    identity_factors,
+    pad_to_rank,
+    weight_in_out,
+)
+from .lora import build_ia3_bank, build_lora_bank, ia3_scale, lora_bmm_delta, lora_loop_delta
+
+__all__ = [
+    "FLoRAPath",
+    "FLoRAShape",
+    "build_flora_bank",
+    "build_ia3_bank",
+    "build_lora_bank",
+    "choose_flora_path",
+    "compose_flora",
+    "dense_matmul",
+    "flora_delta_weight",
+    "flora_linear",
+    "flora_merged",
+    "flora_rank1",
+    "flora_stacked",
+    "ia3_scale",
+    "identity_factors",
+    "lora_bmm_delta",
+    "lora_loop_delta",
+    "pad_to_rank",
+    "weight_in_out",
+]

@@ -1,0 +1,186 @@
+"""FLoRA forward for a batch whose rows (or tokens) each carry their own adapter: the one math core.
+
+Notation (DESIGN §2): a bank holds ``n`` adapters padded to a common rank ``R``; ``bank_in`` is ``(n, R, d_in)``
+(the paper's B), ``bank_out`` is ``(n, R, d_out)`` (the paper's A). Row ``k`` of the bank means
+
+    ΔW_k = (1/R) Σ_j bank_in[k, j]ᵀ ⊗ bank_out[k, j],      y = x (W0 ∘ ΔW_k) + bias
+
+``indices`` picks a bank row per batch row (shape ``(B,)``) or per token (shape ``x.shape[:-1]``); ``None`` means
+the bank has a single row that applies to the whole batch. Every path below evaluates exactly this; the PEFT layers
+and the serving engine both call :func:`flora_linear`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cost import DEFAULT_MAX_MERGE_BYTES, FLoRAPath, FLoRAShape, choose_flora_path
+
+BaseMatmul = Callable[[Tensor], Tensor]
+"""``x -> x W0`` over the last dimension, without bias."""
+
+
+def weight_in_out(weight: Tensor, fan_in_fan_out: bool) -> Tensor:
+    """W0 as ``(d_in, d_out)``: ``nn.Linear`` stores ``(d_out, d_in)``, GPT-2's ``Conv1D`` stores ``(d_in, d_out)``."""
+    return weight if fan_in_fan_out else weight.t()
+
+
+def dense_matmul(weight: Tensor, fan_in_fan_out: bool) -> BaseMatmul:
+    if fan_in_fan_out:
+        return lambda t: t @ weight
+    return lambda t: F.linear(t, weight)
+
+
+def _rows_view(x: Tensor, indices: Optional[Tensor]) -> tuple[Tensor, bool]:
+    """``x`` as ``(B, M, d_in)`` so that indices broadcast over it; also whether indices are per token."""
+    if indices is None or indices.dim() == 1:
+        lead = x.shape[0] if x.dim() > 1 else 1
+        if indices is not None and indices.shape[0] != lead:
+            raise ValueError(f"adapter indices cover {indices.shape[0]} rows but the input has {lead}")
+        return x.reshape(lead, -1, x.shape[-1]), False
+    if tuple(indices.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"per-token adapter indices of shape {tuple(indices.shape)} do not match input {tuple(x.shape)}")
+    return x.reshape(indices.shape[0], -1, x.shape[-1]), True
+
+
+def _gather(bank: Tensor, indices: Optional[Tensor], like: Tensor, per_token: bool) -> Tensor:
+    """Bank rows for each row/token of ``like`` (``(B, M, d)``) as ``(B|1, M|1, R, d)`` in ``like``'s dtype."""
+    bank = bank.to(like.dtype)
+    if indices is None:
+        return bank[0][None, None]
+    rows = bank[indices]
+    if per_token:
+        return rows.reshape(like.shape[0], like.shape[1], *bank.shape[1:])
+    return rows[:, None]
+
+
+def flora_rank1(x3: Tensor, g_in: Tensor, g_out: Tensor, base_mm: BaseMatmul) -> Tensor:
+    """Semantics: y = A ∘ ((B ∘ x) W0) for R = 1: the base GEMM plus two element-wise scales."""
+    return base_mm(x3 * g_in[..., 0, :]) * g_out[..., 0, :]
+
+
+def flora_stacked(x3: Tensor, g_in: Tensor, g_out: Tensor, base_mm: BaseMatmul) -> Tensor:
+    """Semantics: y = (1/R) Σ_j A_j ∘ ((B_j ∘ x) W0), as one GEMM over R stacked copies of x (reads W0 once)."""
+    h = base_mm(x3.unsqueeze(-2) * g_in)  # (B, M, R, d_out)
+    return (h * g_out).mean(dim=-2)
+
+
+def flora_merged(x3: Tensor, g_in: Tensor, g_out: Tensor, w0: Tensor) -> Tensor:
+    """Semantics: y = x (W0 ∘ ΔW_b) with ΔW_b = (1/R) B_bᵀ A_b built once per row; cheaper than stacking when M ≫ R."""
+    rank = g_in.shape[-2]
+    b_in, b_out = g_in[:, 0], g_out[:, 0]  # (B|1, R, d)
+    merged = w0.to(x3.dtype) * (b_in.transpose(-1, -2) @ b_out).div_(rank)  # (B|1, d_in, d_out)
+    return torch.matmul(x3, merged)
+
+
+def flora_linear(
+    x: Tensor,
+    bank_in: Tensor,
+    bank_out: Tensor,
+    indices: Optional[Tensor] = None,
+    *,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    fan_in_fan_out: bool = False,
+    base_mm: Optional[BaseMatmul] = None,
+    path: FLoRAPath | str = "auto",
+    max_merge_bytes: int = DEFAULT_MAX_MERGE_BYTES,
+) -> Tensor:
+    """Semantics: y[b] = x[b] (W0 ∘ ΔW_{indices[b]}) + bias, by the cheapest exact path.
+
+    ``weight`` is W0 in its storage layout (``fan_in_fan_out`` as in PEFT). A quantized base that cannot expose W0
+    passes ``base_mm`` (its own call on scaled inputs, bias removed) and ``weight=None``; the merged path is then
+    unavailable.
+    """
+    if base_mm is None:
+        if weight is None:
+            raise ValueError("flora_linear needs the base weight or a base_mm callable")
+        base_mm = dense_matmul(weight, fan_in_fan_out)
+    x3, per_token = _rows_view(x, indices)
+    rank = bank_in.shape[-2]
+    d_out = bank_out.shape[-1]
+    if path == "auto":
+        shape = FLoRAShape(
+            rows=x3.shape[0],
+            tokens=x3.shape[0] * x3.shape[1],
+            d_in=x3.shape[-1],
+            d_out=d_out,
+            rank=rank,
+            itemsize=x.element_size(),
+            per_token=per_token,
+            shared=indices is None,
+        )
+        path = choose_flora_path(shape, x.device, can_merge=weight is not None, max_merge_bytes=max_merge_bytes)
+    g_in = _gather(bank_in, indices, x3, per_token)
+    g_out = _gather(bank_out, indices, x3, per_token)
+    if path == "rank1":
+        if rank != 1:
+            raise ValueError(f"the rank1 path needs a rank-1 bank, got rank {rank}")
+        y = flora_rank1(x3, g_in, g_out, base_mm)
+    elif path == "stacked":
+        y = flora_stacked(x3, g_in, g_out, base_mm)
+    elif path == "merged":
+        if weight is None or per_token:
+            raise ValueError("the merged path needs a dense base weight and per-row (not per-token) indices")
+        y = flora_merged(x3, g_in, g_out, weight_in_out(weight, fan_in_fan_out))
+    else:
+        raise ValueError(f"unknown FLoRA path {path!r}; expected 'auto', 'rank1', 'stacked' or 'merged'")
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], d_out)
+
+
+def flora_delta_weight(flora_in: Tensor, flora_out: Tensor) -> Tensor:
+    """Semantics: ΔW = (1/r) flora_inᵀ · flora_out, shape ``(d_in, d_out)``."""
+    return flora_in.transpose(-1, -2) @ flora_out / flora_in.shape[-2]
+
+
+def compose_flora(first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Semantics: one adapter of rank r1·r2 whose ΔW is ΔW_1 ∘ ΔW_2 (how several active adapters stack exactly)."""
+    (in1, out1), (in2, out2) = first, second
+    d_in, d_out = in1.shape[-1], out1.shape[-1]
+    composed_in = (in1[:, None, :] * in2[None, :, :]).reshape(-1, d_in)
+    composed_out = (out1[:, None, :] * out2[None, :, :]).reshape(-1, d_out)
+    return composed_in, composed_out
+
+
+def pad_to_rank(flora_in: Tensor, flora_out: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Semantics: the same ΔW written with ``rank`` ≥ r components, so adapters of mixed ranks share one bank.
+
+    Extra input rows are zero (they contribute nothing) and the output rows are scaled by rank/r so that the bank's
+    1/rank mean equals the adapter's own 1/r mean.
+    """
+    r = flora_in.shape[0]
+    if r == rank:
+        return flora_in, flora_out
+    if r > rank:
+        raise ValueError(f"cannot pad a rank-{r} adapter down to rank {rank}")
+    pad = rank - r
+    return F.pad(flora_in, (0, 0, 0, pad)), F.pad(flora_out * (rank / r), (0, 0, 0, pad))
+
+
+def identity_factors(rank: int, d_in: int, d_out: int, *, dtype=None, device=None) -> tuple[Tensor, Tensor]:
+    """The bank row that means "no adapter" (ΔW ≡ 1)."""
+    return (
+        torch.ones(rank, d_in, dtype=dtype, device=device),
+        torch.ones(rank, d_out, dtype=dtype, device=device),
+    )
+
+
+def build_flora_bank(
+    adapters: list[tuple[Tensor, Tensor]], d_in: int, d_out: int, *, dtype=None, device=None
+) -> tuple[Tensor, Tensor]:
+    """Stack adapters (``(r_k, d_in)``, ``(r_k, d_out)`` pairs) into a bank whose row 0 is the identity.
+
+    Differentiable: in training the bank is rebuilt from the parameters each step and gradients reach each one.
+    """
+    rank = max((f_in.shape[0] for f_in, _ in adapters), default=1)
+    ident = identity_factors(rank, d_in, d_out, dtype=dtype, device=device)
+    padded = [pad_to_rank(f_in.to(dtype), f_out.to(dtype), rank) for f_in, f_out in adapters]
+    bank_in = torch.stack([ident[0]] + [p[0] for p in padded])
+    bank_out = torch.stack([ident[1]] + [p[1] for p in padded])
+    return bank_in, bank_out

@@ -1,0 +1,70 @@
+"""Per-row LoRA and IA3 over a bank of adapters: what the server needs besides FLoRA, from the same core.
+
+LoRA banks follow PEFT's factor names: ``bank_a`` is ``(n, R, d_in)`` (lora_A.weight), ``bank_b`` is
+``(n, R, d_out)`` (lora_B.weightᵀ with the adapter's ``alpha / r`` scaling folded in). Row 0 is all zeros (no
+adapter); adapters of lower rank are zero-padded, which is exact for an additive update.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def _row_factors(bank: Tensor, indices: Tensor, x3: Tensor) -> Tensor:
+    return bank.to(x3.dtype)[indices]
+
+
+def lora_bmm_delta(x: Tensor, bank_a: Tensor, bank_b: Tensor, indices: Tensor) -> Tensor:
+    """Semantics: Δy[b] = (x[b] A_{indices[b]}ᵀ) B_{indices[b]}: the paper's appendix B.1 gather + two bmm."""
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+    a = _row_factors(bank_a, indices, x3)  # (B, R, d_in)
+    b = _row_factors(bank_b, indices, x3)  # (B, R, d_out)
+    delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b)
+    return delta.reshape(*x.shape[:-1], bank_b.shape[-1])
+
+
+def lora_loop_delta(x: Tensor, bank_a: Tensor, bank_b: Tensor, indices: Tensor) -> Tensor:
+    """Semantics: as :func:`lora_bmm_delta`, computed PEFT's way (one masked pass per distinct adapter).
+
+    Kept as the baseline the benchmarks compare against; it loops in Python over the adapters present.
+    """
+    out = x.new_zeros(*x.shape[:-1], bank_b.shape[-1])
+    for k in torch.unique(indices).tolist():
+        if k == 0:
+            continue
+        rows = (indices == k).nonzero(as_tuple=True)[0]
+        sub = x[rows]
+        a, b = bank_a[k].to(x.dtype), bank_b[k].to(x.dtype)
+        out[rows] = (sub @ a.t()) @ b
+    return out
+
+
+def build_lora_bank(
+    adapters: list[tuple[Tensor, Tensor, float]], d_in: int, d_out: int, *, dtype=None, device=None
+) -> tuple[Tensor, Tensor]:
+    """Stack PEFT LoRA factors ``(lora_A (r, d_in), lora_B (d_out, r), scaling)`` into a zero-row-0 bank."""
+    rank = max((a.shape[0] for a, _, _ in adapters), default=1)
+    bank_a = torch.zeros(len(adapters) + 1, rank, d_in, dtype=dtype, device=device)
+    bank_b = torch.zeros(len(adapters) + 1, rank, d_out, dtype=dtype, device=device)
+    for k, (a, b, scaling) in enumerate(adapters, start=1):
+        r = a.shape[0]
+        bank_a[k, :r] = a
+        bank_b[k, :r] = b.t() * scaling
+    return bank_a, bank_b
+
+
+def ia3_scale(y: Tensor, bank: Tensor, indices: Optional[Tensor]) -> Tensor:
+    """Semantics: y[b] ∘ l_{indices[b]}: IA3's per-row scaling of a layer's input or output (bank ``(n, d)``, row 0 ones)."""
+    if indices is None:
+        return y * bank[0].to(y.dtype)
+    rows = bank.to(y.dtype)[indices]
+    return y * rows.reshape(rows.shape[0], *([1] * (y.dim() - 2)), rows.shape[-1])
+
+
+def build_ia3_bank(vectors: list[Tensor], dim: int, *, dtype=None, device=None) -> Tensor:
+    """Stack IA3 vectors (any shape with ``dim`` elements) into a bank whose row 0 is ones."""
+    rows = [torch.ones(dim, dtype=dtype, device=device)] + [v.reshape(dim).to(dtype) for v in vectors]
+    return torch.stack(rows)

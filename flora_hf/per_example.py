@@ -1,0 +1,140 @@
+"""Per-example adapter selection: which adapter each row of a batch goes through.
+
+PEFT injects ``adapter_names`` into every LoRA layer through forward pre-hooks registered on each call. Here one
+:class:`AdapterBatch` (vLLM calls this the per-step metadata) is shared by all adapter layers of a model for the
+duration of a call, and it turns names into an index tensor once per distinct bank layout and batch size, so a whole
+``generate`` pays for that conversion once rather than per layer and per step.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+BASE_ADAPTER_NAME = "__base__"
+"""PEFT's name for "no adapter" in ``adapter_names``."""
+
+
+class AdapterBatch:
+    """The adapter name of each example in a batch, and its index in each layer's bank layout."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"adapter_names must be a list of str, one per example, got {names!r}")
+        if len(names) == 0:
+            raise ValueError("adapter_names is empty")
+        self.names = tuple(names)
+        self._indices: dict[tuple, Tensor] = {}
+
+    def indices(self, bank_order: tuple[str, ...], rows: int, device: torch.device) -> Tensor:
+        """Bank row per example for a layer whose bank holds identity at 0 and then ``bank_order``.
+
+        A layer may see the batch expanded by an integer factor (beam search, ``num_return_sequences``):
+        ``generate`` repeats each example consecutively, so the names are repeated the same way. Adapters a
+        layer does not hold map to the identity row.
+        """
+        key = (bank_order, rows, device)
+        cached = self._indices.get(key)
+        if cached is not None:
+            return cached
+        n = len(self.names)
+        if rows % n != 0:
+            raise ValueError(
+                f"adapter_names has {n} entries but the layer received a batch of {rows} rows; pass one adapter "
+                "name per example"
+            )
+        position = {name: k for k, name in enumerate(bank_order, start=1)}
+        idx = torch.tensor([position.get(name, 0) for name in self.names], dtype=torch.long)
+        if rows != n:
+            idx = idx.repeat_interleave(rows // n)
+        idx = idx.to(device)
+        self._indices[key] = idx
+        return idx
+
+
+def _in_backward() -> bool:
+    # Gradient checkpointing recomputes a layer's forward inside the backward pass, after the call that set the
+    # batch has returned; that recompute must see the same adapters as the original forward.
+    return torch._C._current_graph_task_id() != -1
+
+
+class PerExampleAdapterLayer:
+    """Mixin for adapter layers that read the current :class:`AdapterBatch`."""
+
+    _adapter_batch: Optional[AdapterBatch] = None
+    _saved_adapter_batch: Optional[AdapterBatch] = None
+
+    def current_adapter_batch(self) -> Optional[AdapterBatch]:
+        if _in_backward():
+            return self._saved_adapter_batch
+        if torch.is_grad_enabled():
+            self._saved_adapter_batch = self._adapter_batch
+        return self._adapter_batch
+
+    def adapter_names_in_layer(self) -> set[str]:
+        raise NotImplementedError
+
+
+def per_example_layers(model: nn.Module) -> list[PerExampleAdapterLayer]:
+    return [m for m in model.modules() if isinstance(m, PerExampleAdapterLayer)]
+
+
+def known_adapter_names(model: nn.Module) -> set[str]:
+    names: set[str] = set()
+    for layer in per_example_layers(model):
+        names |= layer.adapter_names_in_layer()
+    return names
+
+
+def check_adapter_names(model: nn.Module, names: Sequence[str]) -> None:
+    """Raise a clear error for names no layer of ``model`` holds (typos must not silently mean "base model")."""
+    known = known_adapter_names(model)
+    unknown = sorted({n for n in names if n != BASE_ADAPTER_NAME} - known)
+    if unknown:
+        raise ValueError(
+            f"unknown adapter name(s) {unknown}; known adapters: {sorted(known)} (or {BASE_ADAPTER_NAME!r} for "
+            "the base model)"
+        )
+
+
+@contextmanager
+def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[AdapterBatch]:
+    """Run every forward inside the block with ``adapter_names[i]`` applied to example ``i``.
+
+    Works on any model carrying flora-hf adapter layers, including one adapted with transformers'
+    ``model.add_adapter(FLoRAConfig(...))``::
+
+        with flora_hf.adapter_batch(model, ["perl", "ruby", "__base__"]):
+            model.generate(input_ids)
+    """
+    batch = AdapterBatch(adapter_names)
+    layers = per_example_layers(model)
+    if not layers:
+        raise ValueError("the model has no flora-hf adapter layers; add an adapter first")
+    check_adapter_names(model, batch.names)
+    previous = [layer._adapter_batch for layer in layers]
+    for layer in layers:
+        layer._adapter_batch = batch
+    try:
+        yield batch
+    finally:
+        for layer, prev in zip(layers, previous):
+            layer._adapter_batch = prev
+
+
+def set_trainable_adapters(model: nn.Module, adapter_names: Optional[Sequence[str]] = None) -> list[str]:
+    """Make the named adapters (default: all) trainable, so one mixed-batch optimizer step trains them all.
+
+    PEFT keeps only the active adapter trainable; per-example training needs every adapter of the run to receive
+    gradients. Returns the names made trainable.
+    """
+    names = sorted(known_adapter_names(model)) if adapter_names is None else list(adapter_names)
+    check_adapter_names(model, names)
+    for layer in per_example_layers(model):
+        present = [n for n in names if n in layer.adapter_names_in_layer()]
+        if present:
+            layer.set_requires_grad(present, requires_grad=True)
+    return names
