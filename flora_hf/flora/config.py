@@ -16,7 +16,17 @@ TRANSFORMERS_MODELS_TO_FLORA_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "whisper": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     **{
         model_type: _LLAMA_LIKE
-        for model_type in ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2")
+        for model_type in (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+        )
     },
 }
 
@@ -43,8 +53,10 @@ class FLoRAConfig(PeftConfig):
     )
     fan_in_fan_out: bool = field(
         default=False,
-        metadata={"help": "True when the layer stores its weight as (fan_in, fan_out), like GPT-2's Conv1D. Set "
-        "automatically from the layer type."},
+        metadata={
+            "help": "True when the layer stores its weight as (fan_in, fan_out), like GPT-2's Conv1D. Set "
+            "automatically from the layer type."
+        },
     )
     modules_to_save: Optional[list[str]] = field(
         default=None,

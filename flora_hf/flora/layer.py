@@ -102,9 +102,9 @@ class FLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        warnings.warn("Unmerging FLoRA divides by ΔW and is inexact where ΔW is near zero.")
+        warnings.warn("Unmerging FLoRA divides by ΔW and is inexact where ΔW is near zero.", stacklevel=2)
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -136,7 +136,9 @@ class FLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
         bank_in, bank_out = self._cached_bank(
             ("batch", names, like.dtype, like.device),
             params,
-            lambda: build_flora_bank(params, self.in_features, self.out_features, dtype=like.dtype, device=like.device),
+            lambda: build_flora_bank(
+                params, self.in_features, self.out_features, dtype=like.dtype, device=like.device
+            ),
         )
         return names, bank_in, bank_out
 

@@ -81,12 +81,16 @@ class FLoRAModel(BaseTuner):
             return Linear8bitLt(target, adapter_name, **kwargs)
         if isinstance(base, Conv1D):
             if not kwargs["fan_in_fan_out"]:
-                warnings.warn("fan_in_fan_out is False but the target is a Conv1D; setting fan_in_fan_out=True.")
+                warnings.warn(
+                    "fan_in_fan_out is False but the target is a Conv1D; setting fan_in_fan_out=True.", stacklevel=2
+                )
                 kwargs["fan_in_fan_out"] = flora_config.fan_in_fan_out = True
             return Linear(target, adapter_name, is_target_conv_1d_layer=True, **kwargs)
         if isinstance(base, nn.Linear):
             if kwargs["fan_in_fan_out"]:
-                warnings.warn("fan_in_fan_out is True but the target is nn.Linear; setting fan_in_fan_out=False.")
+                warnings.warn(
+                    "fan_in_fan_out is True but the target is nn.Linear; setting fan_in_fan_out=False.", stacklevel=2
+                )
                 kwargs["fan_in_fan_out"] = flora_config.fan_in_fan_out = False
             return Linear(target, adapter_name, **kwargs)
         raise ValueError(

@@ -43,7 +43,9 @@ def _rows_view(x: Tensor, indices: Optional[Tensor]) -> tuple[Tensor, bool]:
             raise ValueError(f"adapter indices cover {indices.shape[0]} rows but the input has {lead}")
         return x.reshape(lead, -1, x.shape[-1]), False
     if tuple(indices.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"per-token adapter indices of shape {tuple(indices.shape)} do not match input {tuple(x.shape)}")
+        raise ValueError(
+            f"per-token adapter indices of shape {tuple(indices.shape)} do not match input {tuple(x.shape)}"
+        )
     return x.reshape(indices.shape[0], -1, x.shape[-1]), True
 
 
