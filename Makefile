@@ -1,0 +1,42 @@
+# flora-hf: every target installs what it needs itself (a virtual environment in .venv, pip packages).
+# torch==2.13.0 is installed first in every environment so no other requirement pulls CUDA wheels.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.flora-hf-installed
+
+.PHONY: setup demo test lint format bench-layer clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m trainers.demo
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench-layer: setup
+	$(PY) bench/layer.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache bench/results
