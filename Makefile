@@ -25,7 +25,7 @@ demo: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 lint: setup
 	$(PY) -m ruff check .

@@ -18,15 +18,20 @@ BASE_ADAPTER_NAME = "__base__"
 """PEFT's name for "no adapter" in ``adapter_names``."""
 
 
+def as_adapter_names(names: Sequence[str]) -> tuple[str, ...]:
+    """Validate a user's ``adapter_names``: a non-empty sequence of str, one per example."""
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"adapter_names must be a list of str, one per example, got {names!r}")
+    if len(names) == 0:
+        raise ValueError("adapter_names is empty")
+    return tuple(names)
+
+
 class AdapterBatch:
     """The adapter name of each example in a batch, and its index in each layer's bank layout."""
 
     def __init__(self, names: Sequence[str]) -> None:
-        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-            raise TypeError(f"adapter_names must be a list of str, one per example, got {names!r}")
-        if len(names) == 0:
-            raise ValueError("adapter_names is empty")
-        self.names = tuple(names)
+        self.names = as_adapter_names(names)
         self._indices: dict[tuple, Tensor] = {}
 
     def indices(self, bank_order: tuple[str, ...], rows: int, device: torch.device) -> Tensor:

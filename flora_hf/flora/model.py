@@ -9,7 +9,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..per_example import adapter_batch
+from ..per_example import adapter_batch, as_adapter_names
 from .bnb import is_8bit_linear
 from .config import TRANSFORMERS_MODELS_TO_FLORA_TARGET_MODULES_MAPPING, FLoRAConfig
 from .layer import FLoRALayer, Linear
@@ -105,6 +105,7 @@ class FLoRAModel(BaseTuner):
         if adapter_names is None:
             yield
             return
+        adapter_names = as_adapter_names(adapter_names)
         batch_size = _input_batch_size(args, kwargs)
         if batch_size is not None and len(adapter_names) != batch_size:
             raise ValueError(
