@@ -269,6 +269,9 @@ def test_bad_input_is_a_clear_error() -> None:
         FLoRAConfig(r=0)
     with pytest.raises(ValueError, match="Target modules .*not found|not found in the base model"):
         get_peft_model(tiny_gpt_bigcode(), FLoRAConfig(target_modules=["no_such_module"]))
-    with pytest.raises(ValueError, match="has 2 entries but the layer received a batch of 3"):
-        with flora_hf.adapter_batch(model, ["perl", "ruby"]), torch.no_grad():
-            model(**inputs)
+    with (
+        pytest.raises(ValueError, match="has 2 entries but the layer received a batch of 3"),
+        flora_hf.adapter_batch(model, ["perl", "ruby"]),
+        torch.no_grad(),
+    ):
+        model(**inputs)
