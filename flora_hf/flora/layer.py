@@ -8,7 +8,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from ..ops import build_flora_bank, compose_flora, flora_delta_weight, flora_linear
+from ..ops import bank_row, build_flora_bank, compose_flora, flora_delta_weight, flora_linear
 from ..ops.flora import BaseMatmul
 from ..per_example import AdapterBatch, PerExampleAdapterLayer
 
@@ -153,7 +153,8 @@ class FLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
             pair = (params[0][0].to(like.dtype), params[0][1].to(like.dtype))
             for nxt in params[1:]:
                 pair = compose_flora(pair, (nxt[0].to(like.dtype), nxt[1].to(like.dtype)))
-            return pair[0][None], pair[1][None]
+            row = bank_row(*pair)
+            return row[0][None], row[1][None]
 
         return self._cached_bank(("active", names, like.dtype, like.device), params, build)
 

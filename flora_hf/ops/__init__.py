@@ -6,6 +6,7 @@ project writes the FLoRA, LoRA or IA3 math.
 
 from .cost import FLoRAPath, FLoRAShape, choose_flora_path
 from .flora import (
+    bank_row,
     build_flora_bank,
     compose_flora,
     dense_matmul,
@@ -14,8 +15,7 @@ from .flora import (
     flora_merged,
     flora_rank1,
     flora_stacked,
-    identity_factors,
-    pad_to_rank,
+    identity_row,
     weight_in_out,
 )
 from .lora import build_ia3_bank, build_lora_bank, ia3_scale, lora_bmm_delta, lora_loop_delta
@@ -23,6 +23,7 @@ from .lora import build_ia3_bank, build_lora_bank, ia3_scale, lora_bmm_delta, lo
 __all__ = [
     "FLoRAPath",
     "FLoRAShape",
+    "bank_row",
     "build_flora_bank",
     "build_ia3_bank",
     "build_lora_bank",
@@ -35,9 +36,8 @@ __all__ = [
     "flora_rank1",
     "flora_stacked",
     "ia3_scale",
-    "identity_factors",
+    "identity_row",
     "lora_bmm_delta",
     "lora_loop_delta",
-    "pad_to_rank",
     "weight_in_out",
 ]

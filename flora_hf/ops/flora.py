@@ -3,7 +3,11 @@
 Notation (DESIGN §2): a bank holds ``n`` adapters padded to a common rank ``R``; ``bank_in`` is ``(n, R, d_in)``
 (the paper's B), ``bank_out`` is ``(n, R, d_out)`` (the paper's A). Row ``k`` of the bank means
 
-    ΔW_k = (1/R) Σ_j bank_in[k, j]ᵀ ⊗ bank_out[k, j],      y = x (W0 ∘ ΔW_k) + bias
+    ΔW_k = Σ_j bank_in[k, j]ᵀ ⊗ bank_out[k, j],      y = x (W0 ∘ ΔW_k) + bias
+
+A bank stores each adapter in this *sum form*: the paper's 1/r mean is folded into ``bank_out`` when the bank is
+built (:func:`bank_row`), and unused rank rows are zero. So a bank sliced to any rank ≥ the largest rank in a batch
+computes the same thing, which lets a server with rank-16 slots run a batch of rank-1 adapters at rank-1 cost.
 
 ``indices`` picks a bank row per batch row (shape ``(B,)``) or per token (shape ``x.shape[:-1]``); ``None`` means
 the bank has a single row that applies to the whole batch. Every path below evaluates exactly this; the PEFT layers
@@ -66,16 +70,15 @@ def flora_rank1(x3: Tensor, g_in: Tensor, g_out: Tensor, base_mm: BaseMatmul) ->
 
 
 def flora_stacked(x3: Tensor, g_in: Tensor, g_out: Tensor, base_mm: BaseMatmul) -> Tensor:
-    """Semantics: y = (1/R) Σ_j A_j ∘ ((B_j ∘ x) W0), as one GEMM over R stacked copies of x (reads W0 once)."""
+    """Semantics: y = Σ_j A_j ∘ ((B_j ∘ x) W0), as one GEMM over R stacked copies of x (reads W0 once)."""
     h = base_mm(x3.unsqueeze(-2) * g_in)  # (B, M, R, d_out)
-    return (h * g_out).mean(dim=-2)
+    return (h * g_out).sum(dim=-2)
 
 
 def flora_merged(x3: Tensor, g_in: Tensor, g_out: Tensor, w0: Tensor) -> Tensor:
-    """Semantics: y = x (W0 ∘ ΔW_b) with ΔW_b = (1/R) B_bᵀ A_b built once per row; cheaper than stacking when M ≫ R."""
-    rank = g_in.shape[-2]
+    """Semantics: y = x (W0 ∘ ΔW_b) with ΔW_b = B_bᵀ A_b built once per row; cheaper than stacking when M ≫ R."""
     b_in, b_out = g_in[:, 0], g_out[:, 0]  # (B|1, R, d)
-    merged = w0.to(x3.dtype) * (b_in.transpose(-1, -2) @ b_out).div_(rank)  # (B|1, d_in, d_out)
+    merged = w0.to(x3.dtype) * (b_in.transpose(-1, -2) @ b_out)  # (B|1, d_in, d_out)
     return torch.matmul(x3, merged)
 
 
@@ -137,7 +140,7 @@ def flora_linear(
 
 
 def flora_delta_weight(flora_in: Tensor, flora_out: Tensor) -> Tensor:
-    """Semantics: ΔW = (1/r) flora_inᵀ · flora_out, shape ``(d_in, d_out)``."""
+    """Semantics: ΔW = (1/r) flora_inᵀ · flora_out, shape ``(d_in, d_out)``, for an adapter's own parameters."""
     return flora_in.transpose(-1, -2) @ flora_out / flora_in.shape[-2]
 
 
@@ -150,39 +153,31 @@ def compose_flora(first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor]) -
     return composed_in, composed_out
 
 
-def pad_to_rank(flora_in: Tensor, flora_out: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Semantics: the same ΔW written with ``rank`` ≥ r components, so adapters of mixed ranks share one bank.
-
-    Extra input rows are zero (they contribute nothing) and the output rows are scaled by rank/r so that the bank's
-    1/rank mean equals the adapter's own 1/r mean.
-    """
+def bank_row(flora_in: Tensor, flora_out: Tensor, rank: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Semantics: an adapter's parameters (mean over its r components) in the bank's sum form, zero-padded to ``rank``."""
     r = flora_in.shape[0]
-    if r == rank:
-        return flora_in, flora_out
+    rank = r if rank is None else rank
     if r > rank:
         raise ValueError(f"cannot pad a rank-{r} adapter down to rank {rank}")
     pad = rank - r
-    return F.pad(flora_in, (0, 0, 0, pad)), F.pad(flora_out * (rank / r), (0, 0, 0, pad))
+    return F.pad(flora_in, (0, 0, 0, pad)), F.pad(flora_out / r, (0, 0, 0, pad))
 
 
-def identity_factors(rank: int, d_in: int, d_out: int, *, dtype=None, device=None) -> tuple[Tensor, Tensor]:
-    """The bank row that means "no adapter" (ΔW ≡ 1)."""
-    return (
-        torch.ones(rank, d_in, dtype=dtype, device=device),
-        torch.ones(rank, d_out, dtype=dtype, device=device),
+def identity_row(rank: int, d_in: int, d_out: int, *, dtype=None, device=None) -> tuple[Tensor, Tensor]:
+    """The bank row that means "no adapter" (ΔW ≡ 1), in sum form."""
+    return bank_row(
+        torch.ones(1, d_in, dtype=dtype, device=device), torch.ones(1, d_out, dtype=dtype, device=device), rank
     )
 
 
 def build_flora_bank(
     adapters: list[tuple[Tensor, Tensor]], d_in: int, d_out: int, *, dtype=None, device=None
 ) -> tuple[Tensor, Tensor]:
-    """Stack adapters (``(r_k, d_in)``, ``(r_k, d_out)`` pairs) into a bank whose row 0 is the identity.
+    """Stack adapters (``(r_k, d_in)``, ``(r_k, d_out)`` parameter pairs) into a bank whose row 0 is the identity.
 
     Differentiable: in training the bank is rebuilt from the parameters each step and gradients reach each one.
     """
     rank = max((f_in.shape[0] for f_in, _ in adapters), default=1)
-    ident = identity_factors(rank, d_in, d_out, dtype=dtype, device=device)
-    padded = [pad_to_rank(f_in.to(dtype), f_out.to(dtype), rank) for f_in, f_out in adapters]
-    bank_in = torch.stack([ident[0]] + [p[0] for p in padded])
-    bank_out = torch.stack([ident[1]] + [p[1] for p in padded])
-    return bank_in, bank_out
+    rows = [identity_row(rank, d_in, d_out, dtype=dtype, device=device)]
+    rows += [bank_row(f_in.to(dtype), f_out.to(dtype), rank) for f_in, f_out in adapters]
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])

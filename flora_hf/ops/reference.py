@@ -11,12 +11,17 @@ import torch
 from torch import Tensor
 
 
-def merged_weight_reference(weight_in_out: Tensor, flora_in: Tensor, flora_out: Tensor) -> Tensor:
-    """W0 ∘ ΔW with ΔW[i, o] = (1/r) Σ_j flora_in[j, i] flora_out[j, o], written as an explicit sum over rank."""
+def merged_weight_reference(
+    weight_in_out: Tensor, flora_in: Tensor, flora_out: Tensor, *, mean: bool = True
+) -> Tensor:
+    """W0 ∘ ΔW with ΔW[i, o] = (1/r) Σ_j flora_in[j, i] flora_out[j, o], written as an explicit sum over rank.
+
+    ``mean=False`` reads the factors as a bank row (sum form, the 1/r already folded in).
+    """
     delta = torch.zeros_like(weight_in_out)
     for j in range(flora_in.shape[0]):
         delta += torch.outer(flora_in[j], flora_out[j])
-    return weight_in_out * (delta / flora_in.shape[0])
+    return weight_in_out * (delta / flora_in.shape[0] if mean else delta)
 
 
 def flora_linear_reference(
@@ -32,7 +37,7 @@ def flora_linear_reference(
     flat_idx = indices.reshape(-1)
     outs = []
     for row, k in zip(flat_x, flat_idx.tolist()):
-        w = merged_weight_reference(weight_in_out, bank_in[k], bank_out[k])
+        w = merged_weight_reference(weight_in_out, bank_in[k], bank_out[k], mean=False)
         y = row @ w
         outs.append(y if bias is None else y + bias)
     return torch.stack(outs).reshape(*x.shape[:-1], weight_in_out.shape[1])

@@ -8,12 +8,12 @@ from torch import nn
 
 from flora_hf.ops import (
     FLoRAShape,
+    bank_row,
     build_flora_bank,
     choose_flora_path,
     compose_flora,
     flora_delta_weight,
     flora_linear,
-    pad_to_rank,
 )
 from flora_hf.ops.reference import flora_linear_reference, merged_weight_reference
 
@@ -67,8 +67,9 @@ def test_two_dimensional_input_and_shared_adapter() -> None:
     f_in, f_out = random_adapters(1, 3)[0]
     x = torch.randn(4, D_IN)
     expected = x @ merged_weight_reference(w_in_out, f_in, f_out) + bias
+    b_in, b_out = bank_row(f_in, f_out)
     for path in ["auto", "stacked", "merged"]:
-        y = flora_linear(x, f_in[None], f_out[None], None, weight=weight, bias=bias, path=path)
+        y = flora_linear(x, b_in[None], b_out[None], None, weight=weight, bias=bias, path=path)
         torch.testing.assert_close(y, expected, atol=1e-5, rtol=0)
 
 
@@ -84,12 +85,27 @@ def test_mixed_ranks_share_one_bank_exactly() -> None:
         torch.testing.assert_close(y[row], expected, atol=1e-5, rtol=0)
 
 
-def test_padding_preserves_delta_weight() -> None:
+def test_bank_rows_hold_the_same_delta_at_any_padded_rank() -> None:
+    """Sum form: a bank sliced to any rank ≥ the adapter's own computes the same ΔW."""
     f_in, f_out = random_adapters(1, 2)[0]
-    p_in, p_out = pad_to_rank(f_in, f_out, 5)
-    torch.testing.assert_close(flora_delta_weight(p_in, p_out), flora_delta_weight(f_in, f_out))
+    expected = flora_delta_weight(f_in, f_out)
+    for rank in (2, 3, 5):
+        p_in, p_out = bank_row(f_in, f_out, rank)
+        torch.testing.assert_close(p_in.t() @ p_out, expected)
+        torch.testing.assert_close(p_in[:2].t() @ p_out[:2], expected)
     with pytest.raises(ValueError):
-        pad_to_rank(p_in, p_out, 2)
+        bank_row(p_in, p_out, 2)
+
+
+def test_sliced_bank_serves_lower_ranks_exactly() -> None:
+    w_in_out, weight, bias = setup_layer(False)
+    adapters = random_adapters(3, [1, 2, 1])
+    bank_in, bank_out = build_flora_bank(adapters + random_adapters(1, 8), D_IN, D_OUT)
+    x = torch.randn(3, 2, D_IN)
+    idx = torch.tensor([1, 2, 0])
+    full = flora_linear(x, bank_in, bank_out, idx, weight=weight, bias=bias)
+    sliced = flora_linear(x, bank_in[:, :2], bank_out[:, :2], idx, weight=weight, bias=bias)
+    torch.testing.assert_close(sliced, full, atol=1e-5, rtol=0)
 
 
 def test_identity_row_is_the_base_layer() -> None:
