@@ -1,0 +1,149 @@
+"""What passes between the HTTP layer and the engine: validated requests in, per-step token events out.
+
+Field names follow TGI's router (``router/src/lib.rs``) so the HTTP layer maps them one to one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal, Optional, Protocol
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+_request_ids = itertools.count()
+
+
+def next_request_id() -> int:
+    return next(_request_ids)
+
+
+@dataclass
+class SamplingParameters:
+    """Validated sampling settings of one request (None / 1.0 / 0 mean "off", as in TGI)."""
+
+    do_sample: bool = False
+    temperature: Optional[float] = None
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    typical_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    seed: Optional[int] = None
+
+    @property
+    def is_greedy(self) -> bool:
+        """TGI samples when do_sample is set or any warper is active; otherwise it takes the argmax."""
+        warped = any(
+            v is not None and v != neutral
+            for v, neutral in ((self.temperature, 1.0), (self.top_k, 0), (self.top_p, 1.0), (self.typical_p, 1.0))
+        )
+        return not (self.do_sample or warped)
+
+
+@dataclass
+class StoppingParameters:
+    max_new_tokens: int
+    stop_sequences: list[str] = field(default_factory=list)
+    ignore_eos_token: bool = False
+
+
+@dataclass
+class GenerationRequest:
+    """One validated request, ready for the scheduler."""
+
+    inputs: str
+    input_ids: list[int]
+    sampling: SamplingParameters
+    stopping: StoppingParameters
+    adapter_id: Optional[str] = None
+    top_n_tokens: int = 0
+    decoder_input_details: bool = False
+    id: int = field(default_factory=next_request_id)
+
+
+@dataclass
+class TokenInfo:
+    id: int
+    text: str
+    logprob: Optional[float]
+    special: bool = False
+
+
+@dataclass
+class StepOutput:
+    """One generated token of one request; the last one carries the whole text and why it stopped."""
+
+    request_id: int
+    token: TokenInfo
+    top_tokens: list[TokenInfo] = field(default_factory=list)
+    prefill_tokens: Optional[list[TokenInfo]] = None  # first step only, when decoder_input_details
+    generated_tokens: int = 0
+    generated_text: Optional[str] = None
+    finish_reason: Optional[FinishReason] = None
+    seed: Optional[int] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class FloraServeError(Exception):
+    """Base of errors the HTTP layer turns into TGI's ``{"error", "error_type"}`` bodies."""
+
+    status_code = 500
+    error_type = "generation"
+
+
+class ValidationError(FloraServeError):
+    status_code = 422
+    error_type = "validation"
+
+
+class OverloadedError(FloraServeError):
+    status_code = 429
+    error_type = "overloaded"
+
+
+class GenerationError(FloraServeError):
+    status_code = 424
+    error_type = "generation"
+
+
+class AdapterError(FloraServeError):
+    """An adapter could not be loaded (corrupt, mismatched, non-finite, outside the allowed roots)."""
+
+    status_code = 422
+    error_type = "validation"
+
+
+class Engine(Protocol):
+    """What the HTTP layer needs from the engine (``serving.engine.LLMEngine`` implements it)."""
+
+    tokenizer: Any  # a transformers PreTrainedTokenizerBase
+    model_id: str
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[StepOutput]:
+        """Queue the request and yield its tokens as they are produced; the last output has ``finish_reason``.
+
+        Raises OverloadedError when more than ``max_concurrent_requests`` are in flight, ValidationError for an
+        unknown adapter, GenerationError if the model fails. Closing the iterator early (client gone) cancels the
+        request: its batch row is freed at the next step.
+        """
+        ...
+
+    def adapter_names(self) -> list[str]: ...
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Hot-load a PEFT-format folder under the configured roots; raises AdapterError with a clear message."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+    def stats(self) -> dict[str, int]:
+        """Queue size, running batch size, in-flight requests: for /metrics and /health."""
+        ...
+
+    async def shutdown(self, grace_seconds: float = 10.0) -> None:
+        """Stop admitting requests, let in-flight ones finish within the grace period, cancel the rest."""
+        ...
