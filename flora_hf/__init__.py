@@ -4,8 +4,14 @@ Importing the package registers FLoRA with PEFT, so ``get_peft_model``, ``PeftMo
 transformers' ``model.add_adapter(FLoRAConfig(...))`` work as for built-in methods.
 """
 
-from .flora import FLoRAConfig, FLoRALayer, FLoRAModel
-from .per_example import BASE_ADAPTER_NAME, AdapterBatch, adapter_batch, set_trainable_adapters
+import logging
+
+# bitsandbytes (imported by PEFT when installed) warns at import on CPUs with AVX512-BF16 that an optional 4-bit
+# kernel package is missing; flora-hf never uses 4-bit CPU kernels, so that warning is noise for our users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from .flora import FLoRAConfig  # noqa: E402, FLoRALayer, FLoRAModel
+from .per_example import BASE_ADAPTER_NAME  # noqa: E402, AdapterBatch, adapter_batch, set_trainable_adapters
 
 __version__ = "0.1.0"
 
