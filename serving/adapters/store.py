@@ -1,0 +1,184 @@
+"""Adapter store: every registered adapter in a host-memory pool, the recently used ones in device slots (LRU).
+
+The scheduler asks for an adapter's slot with :meth:`AdapterStore.acquire`. A resident adapter is pinned for as long
+as a batch row uses it; a cold one is copied into a free (or least recently used, unpinned) slot by a background
+thread while the running batch keeps decoding, and its request waits in the queue until then.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Optional
+
+from torch import nn
+
+from ..layers import AdapterContext, SlotLinear, wrap_module
+from ..types import AdapterError
+from .loader import AdapterWeights, load_adapter_folder
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterStore:
+    def __init__(
+        self,
+        model: nn.Module,
+        context: AdapterContext,
+        *,
+        num_slots: int,
+        max_rank: int,
+        roots: Iterable[str | Path] = (),
+    ) -> None:
+        if num_slots < 1:
+            raise ValueError("the server needs at least one adapter slot")
+        self.model = model
+        self.context = context
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.roots = [Path(r).resolve() for r in roots]
+        self._host: dict[str, AdapterWeights] = {}
+        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
+        self._free = list(range(num_slots, 0, -1))  # slot 0 is "no adapter"
+        self._pins: dict[str, int] = {}
+        self._loading: dict[str, Future] = {}
+        self._lock = threading.RLock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        self.loads = 0  # device loads done, for tests and metrics
+        self.evictions = 0
+
+    # ------------------------------------------------------------------------------------------ registry
+    def _check_root(self, folder: Path) -> None:
+        if not self.roots:
+            raise AdapterError("hot-loading is disabled: no adapter roots are configured")
+        if not any(folder == root or root in folder.parents for root in self.roots):
+            raise AdapterError(f"{folder} is outside the allowed adapter roots {[str(r) for r in self.roots]}")
+
+    def register(self, name: str, path: str | Path, *, check_root: bool = True) -> AdapterWeights:
+        """Read, validate and pool an adapter (host memory); the model keeps serving whatever happens."""
+        if not name or "/" in name and not Path(name).name:
+            raise AdapterError(f"invalid adapter name {name!r}")
+        folder = Path(path).resolve()
+        if check_root:
+            self._check_root(folder)
+        with self._lock:
+            if name in self._host:
+                raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
+        weights = load_adapter_folder(name, folder, self.model, self.max_rank)
+        with self._lock:
+            for module_path in weights.modules:
+                wrap_module(self.model, module_path, self.context, self.num_slots, self.max_rank)
+            self._host[name] = weights
+        logger.info("registered adapter %s (%s, rank %d) from %s", name, weights.method, weights.rank, folder)
+        return weights
+
+    def unregister(self, name: str) -> None:
+        """Forget an adapter; its slot is freed now, or when the last row using it finishes."""
+        with self._lock:
+            if name not in self._host:
+                raise AdapterError(f"unknown adapter {name!r}")
+            del self._host[name]
+            if not self._pins.get(name):
+                self._evict(name)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._host)
+
+    def has(self, name: str) -> bool:
+        with self._lock:
+            return name in self._host
+
+    def get(self, name: str) -> AdapterWeights:
+        with self._lock:
+            try:
+                return self._host[name]
+            except KeyError:
+                raise AdapterError(f"unknown adapter {name!r}; loaded adapters: {sorted(self._host)}") from None
+
+    def resident(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._resident)
+
+    # ---------------------------------------------------------------------------------------- device slots
+    def acquire(self, name: str) -> Optional[int]:
+        """The adapter's slot, pinned, or None while it is being brought onto the device (ask again later)."""
+        with self._lock:
+            if name not in self._host:
+                raise AdapterError(f"unknown adapter {name!r}; loaded adapters: {sorted(self._host)}")
+            slot = self._resident.get(name)
+            if slot is not None:
+                self._resident.move_to_end(name)
+                self._pins[name] = self._pins.get(name, 0) + 1
+                return slot
+            if name not in self._loading:
+                slot = self._take_slot()
+                if slot is not None:
+                    self._loading[name] = self._executor.submit(self._load, name, slot)
+            return None
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            left = self._pins.get(name, 0) - 1
+            if left > 0:
+                self._pins[name] = left
+                return
+            self._pins.pop(name, None)
+            if name not in self._host:  # unloaded while in use
+                self._evict(name)
+
+    def wait_loaded(self, name: str, timeout: float = 30.0) -> None:
+        """Block until a pending device load finishes (tests and warm-up)."""
+        with self._lock:
+            future = self._loading.get(name)
+        if future is not None:
+            future.result(timeout=timeout)
+
+    def _take_slot(self) -> Optional[int]:
+        if self._free:
+            return self._free.pop()
+        for victim in self._resident:  # least recently used first
+            if not self._pins.get(victim):
+                slot = self._resident.pop(victim)
+                self.evictions += 1
+                return slot
+        return None  # every slot is in use by running rows: the request waits
+
+    def _evict(self, name: str) -> None:
+        slot = self._resident.pop(name, None)
+        if slot is not None:
+            for layer in self._slot_layers():
+                layer.clear_slot(slot)
+            self._free.append(slot)
+
+    def _slot_layers(self) -> list[SlotLinear]:
+        return [m for m in self.model.modules() if isinstance(m, SlotLinear)]
+
+    def _load(self, name: str, slot: int) -> None:
+        try:
+            with self._lock:
+                weights = self._host.get(name)
+            if weights is None:  # unloaded before it arrived
+                with self._lock:
+                    self._free.append(slot)
+                return
+            paths = {id(self.model.get_submodule(p)): p for p in weights.modules}
+            for layer in self._slot_layers():
+                layer.write_slot(slot, weights.modules.get(paths.get(id(layer), ""), {}))
+            with self._lock:
+                self._resident[name] = slot
+                self.loads += 1
+        except Exception:
+            logger.exception("loading adapter %s into slot %d failed", name, slot)
+            with self._lock:
+                self._free.append(slot)
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(name, None)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,141 @@
+"""Adapter slots inside the base model: each adapted linear holds preallocated banks and reads the step metadata.
+
+vLLM's LoRA layout: every wrapped layer owns slot tensors (one row per device slot, row 0 = no adapter), an adapter
+occupies the same slot index in every layer, and one metadata object per forward says which slot each batch row
+uses. The math is the core's (flora_hf.ops); this module only holds tensors and routes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from flora_hf.ops import bank_row, flora_linear, ia3_scale, lora_bmm_delta
+
+from .adapters.loader import Role, linear_features
+
+
+@dataclass
+class StepMetadata:
+    """Per-forward adapter routing: a slot per batch row and which adapter kinds the batch uses."""
+
+    slots: Tensor  # (B,) long, on the model's device; 0 = base model
+    flora_rank: int = 0  # largest FLoRA rank among the rows (0: no FLoRA row)
+    lora_rank: int = 0
+    ia3: bool = False
+
+    @property
+    def any_adapter(self) -> bool:
+        return bool(self.flora_rank or self.lora_rank or self.ia3)
+
+
+class AdapterContext:
+    """Shared by every slot layer of a model: the engine sets ``current`` around each forward."""
+
+    def __init__(self) -> None:
+        self.current: Optional[StepMetadata] = None
+
+
+def _neutral(role: Role, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The bank content meaning "no adapter" for one slot."""
+    if role in ("lora_a", "lora_b"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if role in ("ia3_in", "ia3_out"):
+        return torch.ones(shape, dtype=dtype, device=device)
+    rank, dim = shape
+    ones = torch.ones(1, dim, dtype=dtype, device=device)
+    return bank_row(ones, ones, rank)[0]  # identity in sum form: first rank row ones, the rest zeros
+
+
+class SlotLinear(nn.Module):
+    """A base ``nn.Linear`` / ``Conv1D`` plus slot banks for FLoRA, LoRA and IA3 adapters, created on first use."""
+
+    def __init__(self, base_layer: nn.Module, context: AdapterContext, num_slots: int, max_rank: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.context = context
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.d_in, self.d_out = linear_features(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.banks: dict[Role, Tensor] = {}
+
+    def _bank_shape(self, role: Role) -> tuple[int, ...]:
+        dim = self.d_in if role in ("flora_in", "lora_a", "ia3_in") else self.d_out
+        return (dim,) if role.startswith("ia3") else (self.max_rank, dim)
+
+    def _bank(self, role: Role) -> Tensor:
+        bank = self.banks.get(role)
+        if bank is None:
+            weight = self.base_layer.weight
+            row = _neutral(role, self._bank_shape(role), weight.dtype, weight.device)
+            bank = row.unsqueeze(0).repeat(self.num_slots + 1, *([1] * row.dim()))
+            self.banks[role] = bank
+        return bank
+
+    @torch.no_grad()
+    def write_slot(self, slot: int, tensors: dict[Role, Tensor]) -> None:
+        """Put an adapter's tensors for this layer in ``slot``; every other bank's slot goes back to neutral."""
+        for role in set(self.banks) | set(tensors):
+            bank = self._bank(role)
+            tensor = tensors.get(role)
+            if tensor is None:
+                bank[slot] = _neutral(role, self._bank_shape(role), bank.dtype, bank.device)
+            elif role == "flora_in" or role == "flora_out":
+                pass  # written as a pair below
+            elif role.startswith("lora"):
+                bank[slot].zero_()
+                bank[slot, : tensor.shape[0]] = tensor.to(bank.dtype)
+            else:
+                bank[slot] = tensor.to(bank.dtype)
+        if "flora_in" in tensors:
+            f_in, f_out = bank_row(tensors["flora_in"], tensors["flora_out"], self.max_rank)
+            self._bank("flora_in")[slot] = f_in.to(self.banks["flora_in"].dtype)
+            self._bank("flora_out")[slot] = f_out.to(self.banks["flora_out"].dtype)
+
+    def clear_slot(self, slot: int) -> None:
+        self.write_slot(slot, {})
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        meta = self.context.current
+        if meta is None or not meta.any_adapter or not self.banks:
+            return self.base_layer(x, *args, **kwargs)
+        idx, banks = meta.slots, self.banks
+        if meta.ia3 and "ia3_in" in banks:
+            x = ia3_scale(x, banks["ia3_in"], idx)
+        if meta.flora_rank and "flora_in" in banks:
+            r = meta.flora_rank
+            base = self.base_layer
+            y = flora_linear(
+                x,
+                banks["flora_in"][:, :r],
+                banks["flora_out"][:, :r],
+                idx,
+                weight=base.weight,
+                bias=base.bias,
+                fan_in_fan_out=self.fan_in_fan_out,
+            )
+        else:
+            y = self.base_layer(x, *args, **kwargs)
+        if meta.lora_rank and "lora_a" in banks:
+            r = meta.lora_rank
+            y = y + lora_bmm_delta(x, banks["lora_a"][:, :r], banks["lora_b"][:, :r], idx)
+        if meta.ia3 and "ia3_out" in banks:
+            y = ia3_scale(y, banks["ia3_out"], idx)
+        return y
+
+
+def wrap_module(model: nn.Module, path: str, context: AdapterContext, num_slots: int, max_rank: int) -> SlotLinear:
+    """Replace ``model.<path>`` by a SlotLinear around it (idempotent)."""
+    module = model.get_submodule(path)
+    if isinstance(module, SlotLinear):
+        return module
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    wrapped = SlotLinear(module, context, num_slots, max_rank)
+    setattr(parent, child, wrapped)
+    return wrapped

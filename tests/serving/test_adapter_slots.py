@@ -1,0 +1,188 @@
+"""Slot layers and the adapter store: FLoRA, LoRA, IA3 and base rows in one forward equal PEFT's own outputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from flora_hf import FLoRAConfig
+from serving.adapters.loader import load_adapter_folder
+from serving.adapters.store import AdapterStore
+from serving.layers import AdapterContext, SlotLinear, StepMetadata
+from serving.types import AdapterError
+from tests.models import model_inputs, tiny_gpt_bigcode
+
+
+def _randomize(model) -> None:
+    """Give every adapter parameter non-trivial values so a wrong route cannot pass unnoticed."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("lora_", "ia3_", "flora_")):
+                p.add_(torch.randn_like(p) * 0.3)
+
+
+def save_adapter(base, config, folder) -> None:
+    model = get_peft_model(copy.deepcopy(base), config)
+    _randomize(model)
+    model.save_pretrained(folder)
+
+
+@pytest.fixture()
+def adapters(tmp_path):
+    base = tiny_gpt_bigcode()
+    folders = {
+        "flora1": FLoRAConfig(r=1),
+        "flora4": FLoRAConfig(r=4, target_modules=["c_attn", "c_fc"]),
+        "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], init_lora_weights=False),
+        "ia3": IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]),
+    }
+    for name, config in folders.items():
+        save_adapter(base, config, tmp_path / name)
+    return base, tmp_path
+
+
+def peft_logits(base, folder, inputs) -> torch.Tensor:
+    model = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def make_store(base, roots, num_slots: int = 8, max_rank: int = 8) -> AdapterStore:
+    return AdapterStore(base, AdapterContext(), num_slots=num_slots, max_rank=max_rank, roots=roots)
+
+
+def test_mixed_adapter_kinds_in_one_forward_match_peft(adapters) -> None:
+    base, root = adapters
+    reference_base = copy.deepcopy(base)
+    store = make_store(base, [root])
+    names = ["flora4", "lora", "__base__", "ia3", "flora1"]
+    kinds = {"flora1": ("flora", 1), "flora4": ("flora", 4), "lora": ("lora", 4), "ia3": ("ia3", 0)}
+    for name in kinds:
+        store.register(name, root / name)
+    slots = []
+    for name in names:
+        if name == "__base__":
+            slots.append(0)
+            continue
+        assert store.acquire(name) is None  # cold: loads in the background
+        store.wait_loaded(name)
+        slots.append(store.acquire(name))
+    inputs = model_inputs(base, len(names))
+    store.context.current = StepMetadata(slots=torch.tensor(slots), flora_rank=4, lora_rank=4, ia3=True)
+    with torch.no_grad():
+        got = base(**inputs).logits
+    store.context.current = None
+    for row, name in enumerate(names):
+        row_inputs = {k: v[row : row + 1] for k, v in inputs.items()}
+        if name == "__base__":
+            with torch.no_grad():
+                expected = reference_base(**row_inputs).logits
+        else:
+            expected = peft_logits(reference_base, root / name, row_inputs)
+        torch.testing.assert_close(got[row : row + 1], expected, atol=1e-5, rtol=0, msg=name)
+    with torch.no_grad():  # no metadata: the plain base model
+        torch.testing.assert_close(base(**inputs).logits, reference_base(**inputs).logits)
+
+
+def test_lru_eviction_under_more_adapters_than_slots(adapters) -> None:
+    base, root = adapters
+    store = make_store(base, [root], num_slots=2)
+    for name in ("flora1", "flora4", "lora"):
+        store.register(name, root / name)
+
+    def resident_slot(name: str) -> int:
+        if store.acquire(name) is None:
+            store.wait_loaded(name)
+        return store.acquire(name)  # pinned once more when it was already resident
+
+    a = resident_slot("flora1")  # pinned by one row
+    b = resident_slot("flora4")
+    assert {a, b} == {1, 2}
+    store.release("flora1")  # flora1 unpinned and least recently used
+    c = resident_slot("lora")
+    assert c == a and "flora1" not in store.resident() and store.evictions == 1
+    assert store.acquire("flora1") is None  # both slots pinned by running rows: the request waits
+    assert store.resident().keys() == {"flora4", "lora"}
+    store.release("flora4")
+    assert resident_slot("flora1") == b  # the least recently used unpinned slot is reused
+    assert store.loads == 4
+    store.close()
+
+
+def test_unload_while_pinned_frees_slot_after_release(adapters) -> None:
+    base, root = adapters
+    store = make_store(base, [root], num_slots=1)
+    store.register("lora", root / "lora")
+    store.acquire("lora")
+    store.wait_loaded("lora")
+    assert store.acquire("lora") == 1
+    store.unregister("lora")
+    assert not store.has("lora") and "lora" in store.resident()
+    store.release("lora")
+    assert store.resident() == {}
+    layer = next(m for m in base.modules() if isinstance(m, SlotLinear) and "lora_a" in m.banks)
+    assert layer.banks["lora_a"][1].abs().sum() == 0  # slot back to neutral
+    store.close()
+
+
+def _copy_adapter(src, dst) -> None:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+
+
+def test_bad_adapters_are_refused_with_clear_messages(adapters, tmp_path) -> None:
+    base, root = adapters
+    store = make_store(base, [root])
+
+    corrupt = root / "corrupt"
+    _copy_adapter(root / "flora1", corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+        store.register("corrupt", corrupt)
+
+    nan = root / "nan"
+    _copy_adapter(root / "lora", nan)
+    tensors = load_file(nan / "adapter_model.safetensors")
+    key = next(iter(tensors))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, nan / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="NaN or infinite"):
+        store.register("nan", nan)
+
+    other_base = tiny_gpt_bigcode()
+    other_base.config.n_embd = 48
+    from transformers import GPTBigCodeForCausalLM
+
+    wide = GPTBigCodeForCausalLM(other_base.config)
+    save_adapter(wide, FLoRAConfig(r=1), root / "mismatched")
+    with pytest.raises(AdapterError, match="does not fit the base model"):
+        store.register("mismatched", root / "mismatched")
+
+    binary = root / "binary"
+    _copy_adapter(root / "flora1", binary)
+    (binary / "adapter_model.safetensors").rename(binary / "adapter_model.bin")
+    with pytest.raises(AdapterError, match="only safetensors"):
+        store.register("binary", binary)
+
+    unknown = root / "unknown"
+    _copy_adapter(root / "flora1", unknown)
+    config = json.loads((unknown / "adapter_config.json").read_text())
+    (unknown / "adapter_config.json").write_text(json.dumps(config | {"peft_type": "VERA"}))
+    with pytest.raises(AdapterError, match="VERA is not served"):
+        store.register("unknown", unknown)
+
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    _copy_adapter(root / "flora1", outside)
+    with pytest.raises(AdapterError, match="outside the allowed adapter roots"):
+        store.register("outside", outside)
+
+    with pytest.raises(AdapterError, match="rank 4; this server holds ranks up to 2"):
+        load_adapter_folder("big", root / "flora4", base, max_rank=2)
+    assert store.names() == []  # nothing half-registered
+    store.close()
