@@ -34,9 +34,11 @@ class SamplingParameters:
     @property
     def is_greedy(self) -> bool:
         """TGI samples when do_sample is set or any warper is active; otherwise it takes the argmax."""
-        warped = any(
-            v is not None and v != neutral
-            for v, neutral in ((self.temperature, 1.0), (self.top_k, 0), (self.top_p, 1.0), (self.typical_p, 1.0))
+        warped = (
+            (self.temperature is not None and self.temperature != 1.0)
+            or (self.top_k is not None and self.top_k > 0)
+            or (self.top_p is not None and self.top_p < 1.0)
+            or (self.typical_p is not None and self.typical_p < 1.0)
         )
         return not (self.do_sample or warped)
 
@@ -81,7 +83,10 @@ class StepOutput:
     generated_tokens: int = 0
     generated_text: Optional[str] = None
     finish_reason: Optional[FinishReason] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = None  # only for sampling rows, as TGI reports it
+
+    # token.text is the streamed piece for this step (may be "" mid-character); top and prefill tokens carry
+    # each token's own text.
 
     @property
     def finished(self) -> bool:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
 from flora_hf import FLoRAConfig
@@ -16,20 +16,7 @@ from serving.adapters.store import AdapterStore
 from serving.layers import AdapterContext, SlotLinear, StepMetadata
 from serving.types import AdapterError
 from tests.models import model_inputs, tiny_gpt_bigcode
-
-
-def _randomize(model) -> None:
-    """Give every adapter parameter non-trivial values so a wrong route cannot pass unnoticed."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(k in name for k in ("lora_", "ia3_", "flora_")):
-                p.add_(torch.randn_like(p) * 0.3)
-
-
-def save_adapter(base, config, folder) -> None:
-    model = get_peft_model(copy.deepcopy(base), config)
-    _randomize(model)
-    model.save_pretrained(folder)
+from tests.serving.tiny_serving import save_random_adapter
 
 
 @pytest.fixture()
@@ -42,7 +29,7 @@ def adapters(tmp_path):
         "ia3": IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]),
     }
     for name, config in folders.items():
-        save_adapter(base, config, tmp_path / name)
+        save_random_adapter(base, config, tmp_path / name)
     return base, tmp_path
 
 
@@ -160,7 +147,7 @@ def test_bad_adapters_are_refused_with_clear_messages(adapters, tmp_path) -> Non
     from transformers import GPTBigCodeForCausalLM
 
     wide = GPTBigCodeForCausalLM(other_base.config)
-    save_adapter(wide, FLoRAConfig(r=1), root / "mismatched")
+    save_random_adapter(wide, FLoRAConfig(r=1), root / "mismatched")
     with pytest.raises(AdapterError, match="does not fit the base model"):
         store.register("mismatched", root / "mismatched")
 

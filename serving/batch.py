@@ -1,0 +1,151 @@
+"""The running batch, as TGI's server keeps it: built from requests, filtered, concatenated, KV cache carried along.
+
+Rows are left-padded: every row's next token sits in the last column, so one decode step is a single forward of
+``(B, 1)`` tokens whatever the prompt lengths. Each row carries its adapter slot, sampling state and stop criteria.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from .sampling import HeterogeneousNextTokenChooser, IncrementalDetokenizer, StoppingCriteria
+from .types import GenerationRequest
+
+
+@dataclass
+class RowAdapter:
+    """The adapter a row decodes with: its name (None = base), slot, and kind for the step metadata."""
+
+    name: Optional[str] = None
+    slot: int = 0
+    method: Optional[str] = None
+    rank: int = 0
+
+
+@dataclass
+class Batch:
+    requests: list[GenerationRequest]
+    adapters: list[RowAdapter]
+    input_ids: Tensor  # (B, L): the tokens the next forward consumes
+    attention_mask: Tensor  # (B, past + L)
+    position_ids: Tensor  # (B, L)
+    token_ids: list[list[int]]  # prompt + generated, per row (penalties, stop checks)
+    chooser: HeterogeneousNextTokenChooser
+    stopping: list[StoppingCriteria]
+    detokenizers: list[IncrementalDetokenizer]
+    generated: list[int] = field(default_factory=list)
+    past_key_values: Optional[DynamicCache] = None
+    prefill_done: bool = False
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @property
+    def request_ids(self) -> list[int]:
+        return [r.id for r in self.requests]
+
+    @classmethod
+    def from_requests(
+        cls,
+        requests: list[GenerationRequest],
+        adapters: list[RowAdapter],
+        tokenizer,
+        eos_token_ids: set[int],
+        device: torch.device,
+        pad_token_id: int = 0,
+    ) -> Batch:
+        lengths = [len(r.input_ids) for r in requests]
+        width = max(lengths)
+        input_ids = torch.full((len(requests), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, (req, n) in enumerate(zip(requests, lengths)):
+            input_ids[row, width - n :] = torch.tensor(req.input_ids, dtype=torch.long)
+            attention_mask[row, width - n :] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return cls(
+            requests=list(requests),
+            adapters=list(adapters),
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+            token_ids=[list(r.input_ids) for r in requests],
+            chooser=HeterogeneousNextTokenChooser([r.sampling for r in requests], device=device),
+            stopping=[StoppingCriteria(r.stopping, eos_token_ids) for r in requests],
+            detokenizers=[IncrementalDetokenizer(tokenizer, r.input_ids) for r in requests],
+            generated=[0] * len(requests),
+        )
+
+    # ------------------------------------------------------------------------------------------- filter
+    def filter(self, keep_ids: list[int]) -> Optional[Batch]:
+        """Only the rows whose request id is in ``keep_ids``, in their current order; None when none is left."""
+        keep_set = set(keep_ids)
+        rows = [i for i, r in enumerate(self.requests) if r.id in keep_set]
+        if not rows:
+            return None
+        if len(rows) == len(self):
+            return self
+        index = torch.tensor(rows, device=self.input_ids.device)
+        attention_mask = self.attention_mask[index]
+        # drop left columns that are padding for every remaining row
+        trim = int((attention_mask.cumsum(-1) == 0).sum(-1).min().item())
+        attention_mask = attention_mask[:, trim:]
+        cache = self.past_key_values
+        if cache is not None:
+            for layer in cache.layers:
+                layer.keys = layer.keys[index, :, trim:]
+                layer.values = layer.values[index, :, trim:]
+        return Batch(
+            requests=[self.requests[i] for i in rows],
+            adapters=[self.adapters[i] for i in rows],
+            input_ids=self.input_ids[index],
+            attention_mask=attention_mask,
+            position_ids=self.position_ids[index],
+            token_ids=[self.token_ids[i] for i in rows],
+            chooser=self.chooser.filter(rows),
+            stopping=[self.stopping[i] for i in rows],
+            detokenizers=[self.detokenizers[i] for i in rows],
+            generated=[self.generated[i] for i in rows],
+            past_key_values=cache,
+            prefill_done=self.prefill_done,
+        )
+
+    # --------------------------------------------------------------------------------------- concatenate
+    @classmethod
+    def concatenate(cls, batches: list[Batch]) -> Batch:
+        """Merge decoding batches (each past prefill) into one, left-padding masks and KV caches to one length."""
+        if len(batches) == 1:
+            return batches[0]
+        if not all(b.prefill_done and b.past_key_values is not None for b in batches):
+            raise ValueError("only batches past their prefill can be concatenated")
+        past = max(b.attention_mask.shape[1] for b in batches)
+        masks, layers_k, layers_v = [], None, None
+        for b in batches:
+            pad = past - b.attention_mask.shape[1]
+            masks.append(torch.nn.functional.pad(b.attention_mask, (pad, 0)))
+            ks = [torch.nn.functional.pad(layer.keys, (0, 0, pad, 0)) for layer in b.past_key_values.layers]
+            vs = [torch.nn.functional.pad(layer.values, (0, 0, pad, 0)) for layer in b.past_key_values.layers]
+            layers_k = [[k] for k in ks] if layers_k is None else [acc + [k] for acc, k in zip(layers_k, ks)]
+            layers_v = [[v] for v in vs] if layers_v is None else [acc + [v] for acc, v in zip(layers_v, vs)]
+        cache = batches[0].past_key_values
+        for layer, ks, vs in zip(cache.layers, layers_k, layers_v):
+            layer.keys = torch.cat(ks)
+            layer.values = torch.cat(vs)
+        return Batch(
+            requests=[r for b in batches for r in b.requests],
+            adapters=[a for b in batches for a in b.adapters],
+            input_ids=torch.cat([b.input_ids for b in batches]),
+            attention_mask=torch.cat(masks),
+            position_ids=torch.cat([b.position_ids for b in batches]),
+            token_ids=[t for b in batches for t in b.token_ids],
+            chooser=HeterogeneousNextTokenChooser.concatenate([b.chooser for b in batches]),
+            stopping=[s for b in batches for s in b.stopping],
+            detokenizers=[d for b in batches for d in b.detokenizers],
+            generated=[g for b in batches for g in b.generated],
+            past_key_values=cache,
+            prefill_done=True,
+        )

@@ -1,0 +1,334 @@
+"""The engine: a queue, a continuous-batching scheduler thread, the model runner and the adapter store.
+
+The scheduler thread owns the model. Each loop iteration admits waiting requests whose adapters are on the device
+(prefilled together, then concatenated into the running batch), runs one decode step for the running batch, sends
+every token to its request's asyncio queue, and drops finished or cancelled rows. Requests for a cold adapter stay
+queued while the store copies it into a slot, so they never stall the rows already decoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+import torch
+
+from .adapters.store import AdapterStore
+from .batch import Batch, RowAdapter
+from .model_runner import CausalLMRunner
+from .types import (
+    AdapterError,
+    GenerationError,
+    GenerationRequest,
+    OverloadedError,
+    StepOutput,
+    ValidationError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineLimits:
+    max_concurrent_requests: int = 128
+    max_batch_total_tokens: int = 16384  # prompt + new tokens summed over the running batch
+    max_batch_size: Optional[int] = None
+    waiting_served_ratio: float = 1.2  # kept for TGI flag compatibility; admission is greedy here
+
+
+@dataclass
+class _Entry:
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    adapter: RowAdapter = field(default_factory=RowAdapter)
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    def send(self, item: StepOutput | Exception) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    @property
+    def budget(self) -> int:
+        return len(self.request.input_ids) + self.request.stopping.max_new_tokens
+
+
+class LLMEngine:
+    """Implements :class:`serving.types.Engine` for a transformers causal LM with slot adapters."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        store: AdapterStore,
+        *,
+        model_id: str,
+        limits: Optional[EngineLimits] = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.store = store
+        self.model_id = model_id
+        self.limits = limits or EngineLimits()
+        self.runner = CausalLMRunner(model, tokenizer, store.context)
+        self.device = self.runner.device
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+        self._waiting: deque[_Entry] = deque()
+        self._entries: dict[int, _Entry] = {}
+        self._cancelled: set[int] = set()
+        self._running: Optional[Batch] = None
+        self._cond = threading.Condition()
+        self._accepting = True
+        self._stop = False
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="flora-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------- public
+    def adapter_names(self) -> list[str]:
+        return self.store.names()
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {
+                "queue_size": len(self._waiting),
+                "batch_size": len(self._running) if self._running is not None else 0,
+                "in_flight": len(self._entries),
+            }
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[StepOutput]:
+        if request.adapter_id and not self.store.has(request.adapter_id):
+            raise ValidationError(f"unknown adapter_id {request.adapter_id!r}; loaded adapters: {self.store.names()}")
+        entry = _Entry(request, asyncio.get_running_loop(), asyncio.Queue())
+        with self._cond:
+            if not self._accepting:
+                raise OverloadedError("the server is shutting down")
+            if len(self._entries) >= self.limits.max_concurrent_requests:
+                raise OverloadedError("Model is overloaded")
+            if entry.budget > self.limits.max_batch_total_tokens:
+                raise ValidationError(
+                    f"`inputs` tokens + `max_new_tokens` must be <= {self.limits.max_batch_total_tokens} "
+                    "(max_batch_total_tokens)"
+                )
+            self._entries[request.id] = entry
+            self._waiting.append(entry)
+            self._cond.notify()
+        finished = False
+        try:
+            while True:
+                item = await entry.queue.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                with self._cond:
+                    self._cancelled.add(request.id)
+                    self._cond.notify()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        await asyncio.to_thread(self.store.register, name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        await asyncio.to_thread(self.store.unregister, name)
+
+    async def shutdown(self, grace_seconds: float = 10.0) -> None:
+        with self._cond:
+            self._accepting = False
+        deadline = time.monotonic() + grace_seconds
+        while self.stats()["in_flight"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        await asyncio.to_thread(self._thread.join, 30)
+        for entry in list(self._entries.values()):
+            entry.send(GenerationError("the server shut down before this request finished"))
+        self._entries.clear()
+        self.store.close()
+
+    # -------------------------------------------------------------------------------------- scheduler
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and self._running is None:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                self._drop_cancelled()
+                admitted = self._admit()
+                retry_soon = bool(self._waiting) and not admitted
+            if admitted:
+                self._prefill(admitted)
+            if self._running is not None:
+                self._decode()
+            elif retry_soon:
+                time.sleep(0.002)  # waiting on a cold adapter's device load
+
+    def _running_budget(self) -> int:
+        if self._running is None:
+            return 0
+        return sum(self._entries[r.id].budget for r in self._running.requests if r.id in self._entries)
+
+    def _admit(self) -> list[_Entry]:
+        """Waiting requests that fit the token budget and whose adapter is on the device (FIFO, skipping cold)."""
+        budget = self.limits.max_batch_total_tokens - self._running_budget()
+        size = len(self._running) if self._running is not None else 0
+        admitted, still_waiting = [], deque()
+        while self._waiting:
+            entry = self._waiting.popleft()
+            full = self.limits.max_batch_size is not None and size + len(admitted) >= self.limits.max_batch_size
+            if full or entry.budget > budget:
+                still_waiting.append(entry)
+                continue
+            try:
+                ready = self._bind_adapter(entry)
+            except AdapterError as exc:  # unloaded while queued
+                self._fail([entry], ValidationError(str(exc)))
+                continue
+            if not ready:
+                still_waiting.append(entry)
+                continue
+            admitted.append(entry)
+            budget -= entry.budget
+        self._waiting = still_waiting
+        return admitted
+
+    def _bind_adapter(self, entry: _Entry) -> bool:
+        name = entry.request.adapter_id
+        if not name:
+            return True
+        slot = self.store.acquire(name)
+        if slot is None:
+            return False
+        weights = self.store.get(name)
+        entry.adapter = RowAdapter(name=name, slot=slot, method=weights.method, rank=weights.rank)
+        return True
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancelled:
+            return
+        self._waiting = deque(e for e in self._waiting if e.request.id not in self._cancelled)
+        if self._running is not None:
+            gone = [r.id for r in self._running.requests if r.id in self._cancelled]
+            if gone:
+                keep = [r.id for r in self._running.requests if r.id not in self._cancelled]
+                self._running = self._running.filter(keep)
+                self._finish(gone)
+        for rid in self._cancelled:
+            self._entries.pop(rid, None)
+        self._cancelled.clear()
+
+    def _prefill(self, admitted: list[_Entry]) -> None:
+        try:
+            batch = Batch.from_requests(
+                [e.request for e in admitted],
+                [e.adapter for e in admitted],
+                self.tokenizer,
+                self.eos_token_ids,
+                self.device,
+                pad_token_id=self.pad_token_id,
+            )
+            outputs, batch = self.runner.generate_token(batch)
+        except Exception as exc:  # one bad batch must not take the server down
+            logger.exception("prefill failed")
+            with self._cond:
+                self._fail(admitted, GenerationError(f"generation failed: {exc}"))
+            return
+        self._dispatch(outputs)
+        if batch is not None:
+            with self._cond:
+                self._running = batch if self._running is None else Batch.concatenate([self._running, batch])
+
+    def _decode(self) -> None:
+        batch = self._running
+        try:
+            outputs, batch = self.runner.generate_token(batch)
+        except Exception as exc:
+            logger.exception("decode step failed")
+            with self._cond:
+                failed = [self._entries[r.id] for r in self._running.requests if r.id in self._entries]
+                self._running = None
+                self._fail(failed, GenerationError(f"generation failed: {exc}"))
+            return
+        self.steps += 1
+        self._dispatch(outputs)
+        with self._cond:
+            self._running = batch
+
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        done = []
+        for out in outputs:
+            entry = self._entries.get(out.request_id)
+            if entry is not None:
+                entry.send(out)
+            if out.finished:
+                done.append(out.request_id)
+        if done:
+            with self._cond:
+                self._finish(done)
+
+    def _finish(self, request_ids: list[int]) -> None:
+        for rid in request_ids:
+            entry = self._entries.pop(rid, None)
+            if entry is not None and entry.adapter.name:
+                self.store.release(entry.adapter.name)
+
+    def _fail(self, entries: list[_Entry], error: Exception) -> None:
+        for entry in entries:
+            entry.send(error)
+        self._finish([e.request.id for e in entries])
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model_and_tokenizer(model_id: str, device: torch.device, dtype: Optional[str] = None):
+    """Load a causal LM from a local folder or the hub, with a message that says what to do offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype)
+    except OSError as exc:
+        raise SystemExit(
+            f"could not load model {model_id!r}: {exc}\nWithout network access, pass --model-id a local folder "
+            "holding config.json, the weights and the tokenizer (e.g. one written by save_pretrained)."
+        ) from exc
+    return model.to(device).eval(), tokenizer
+
+
+def build_engine_from_parts(
+    model,
+    tokenizer,
+    *,
+    model_id: str,
+    adapters: dict[str, str],
+    adapter_roots: list[str],
+    num_slots: int = 64,
+    max_rank: int = 16,
+    limits: Optional[EngineLimits] = None,
+) -> LLMEngine:
+    """An engine over an already loaded model; start-up adapters are registered (and validated) here."""
+    from .layers import AdapterContext
+
+    store = AdapterStore(model, AdapterContext(), num_slots=num_slots, max_rank=max_rank, roots=adapter_roots)
+    for name, path in adapters.items():
+        store.register(name, path, check_root=False)
+    return LLMEngine(model, tokenizer, store, model_id=model_id, limits=limits)

@@ -1,0 +1,210 @@
+"""The engine in-process: continuous batching, batch invariance over mixed adapters, cancellation, hot (un)load."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+from peft import IA3Config, LoraConfig
+
+from flora_hf import FLoRAConfig
+from serving.engine import EngineLimits, build_engine_from_parts
+from serving.types import (
+    GenerationRequest,
+    OverloadedError,
+    SamplingParameters,
+    StoppingParameters,
+    ValidationError,
+)
+from tests.serving.tiny_serving import save_random_adapter, tiny_causal_lm, tiny_tokenizer
+
+PROMPTS = ["def add(", "sub fib {", "print('h", "local function", "return a", "my $n ="]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    base = tiny_causal_lm()
+    configs = {
+        "flora-a": FLoRAConfig(r=1),
+        "flora-b": FLoRAConfig(r=1),
+        "flora-r4": FLoRAConfig(r=4, target_modules=["c_attn", "c_fc"]),
+        "lora": LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"], init_lora_weights=False),
+        "ia3": IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]),
+    }
+    for i, (name, config) in enumerate(configs.items()):
+        save_random_adapter(base, config, root / name, seed=i, scale=0.5)
+    return root
+
+
+def make_engine(adapter_dir, names=(), **kwargs):
+    limits = EngineLimits(**{k: kwargs.pop(k) for k in list(kwargs) if hasattr(EngineLimits, k)})
+    return build_engine_from_parts(
+        tiny_causal_lm(),
+        tiny_tokenizer(),
+        model_id="tiny",
+        adapters={n: str(adapter_dir / n) for n in names},
+        adapter_roots=[str(adapter_dir)],
+        limits=limits,
+        **kwargs,
+    )
+
+
+def request(prompt: str, adapter: str | None = None, max_new_tokens: int = 12, **sampling) -> GenerationRequest:
+    return GenerationRequest(
+        inputs=prompt,
+        input_ids=tiny_tokenizer()(prompt)["input_ids"],
+        sampling=SamplingParameters(**sampling),
+        stopping=StoppingParameters(max_new_tokens=max_new_tokens),
+        adapter_id=adapter,
+    )
+
+
+async def collect(engine, req: GenerationRequest) -> list:
+    return [out async for out in engine.generate(req)]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=120))
+
+
+ALL = ["flora-a", "flora-b", "flora-r4", "lora", "ia3"]
+
+
+def test_batch_invariance_over_mixed_adapters(adapter_dir) -> None:
+    """Greedy output of every request is what it gets alone, whatever shares its batch."""
+    engine = make_engine(adapter_dir, ALL, num_slots=8)
+    cases = [(p, a) for p in PROMPTS for a in [None, *ALL]][:24]
+
+    async def main():
+        alone = [[o.token.id for o in await collect(engine, request(p, a))] for p, a in cases]
+        together = await asyncio.gather(*[collect(engine, request(p, a)) for p, a in cases])
+        await engine.shutdown()
+        return alone, [[o.token.id for o in outs] for outs in together]
+
+    alone, together = run(main())
+    assert together == alone
+    # adapters really change the output: not every adapter produces the base model's tokens
+    by_adapter = {a: alone[i] for i, (p, a) in enumerate(cases) if p == PROMPTS[0]}
+    assert len({tuple(v) for v in by_adapter.values()}) > 1
+
+
+def test_more_adapters_than_slots_still_serve_correctly(adapter_dir) -> None:
+    engine = make_engine(adapter_dir, ALL, num_slots=2)
+    cases = [(p, a) for p in PROMPTS[:3] for a in ALL]
+
+    async def main():
+        alone = [[o.token.id for o in await collect(engine, request(p, a))] for p, a in cases]
+        together = await asyncio.gather(*[collect(engine, request(p, a)) for p, a in cases])
+        await engine.shutdown()
+        return alone, [[o.token.id for o in outs] for outs in together]
+
+    alone, together = run(main())
+    assert together == alone
+    assert engine.store.evictions > 0 and len(engine.store.resident()) <= 2
+
+
+def test_stream_outputs_and_finish(adapter_dir) -> None:
+    engine = make_engine(adapter_dir, ["lora"])
+
+    async def main():
+        outs = await collect(engine, request("def add(", "lora", max_new_tokens=5, do_sample=True, seed=7))
+        again = await collect(engine, request("def add(", "lora", max_new_tokens=5, do_sample=True, seed=7))
+        await engine.shutdown()
+        return outs, again
+
+    outs, again = run(main())
+    assert [o.generated_tokens for o in outs] == [1, 2, 3, 4, 5]
+    assert outs[-1].finish_reason == "length" and all(o.finish_reason is None for o in outs[:-1])
+    assert outs[-1].generated_text == "".join(o.token.text for o in outs)
+    assert outs[-1].seed == 7 and [o.token.id for o in outs] == [o.token.id for o in again]
+
+
+def test_cancelled_request_frees_its_row(adapter_dir) -> None:
+    engine = make_engine(adapter_dir, ["flora-a"])
+
+    async def main():
+        stream = engine.generate(request("def add(", "flora-a", max_new_tokens=200))
+        for _ in range(2):
+            await stream.__anext__()
+        await stream.aclose()  # the client went away
+        other = await collect(engine, request("sub fib {", max_new_tokens=4))
+        for _ in range(100):
+            if engine.stats()["in_flight"] == 0 and engine.stats()["batch_size"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        stats = engine.stats()
+        await engine.shutdown()
+        return other, stats
+
+    other, stats = run(main())
+    assert len(other) == 4
+    assert stats == {"queue_size": 0, "batch_size": 0, "in_flight": 0}
+    assert engine.store._pins == {}
+
+
+def test_overload_and_unknown_adapter(adapter_dir) -> None:
+    engine = make_engine(adapter_dir, ["lora"], max_concurrent_requests=1)
+
+    async def main():
+        first = engine.generate(request("def add(", max_new_tokens=50))
+        await first.__anext__()
+        with pytest.raises(OverloadedError):
+            await collect(engine, request("sub", max_new_tokens=2))
+        await first.aclose()
+        with pytest.raises(ValidationError, match="unknown adapter_id 'nope'; loaded adapters: \\['lora'\\]"):
+            await collect(engine, request("sub", "nope"))
+        await engine.shutdown()
+
+    run(main())
+
+
+def test_hot_load_and_unload_while_requests_run(adapter_dir) -> None:
+    engine = make_engine(adapter_dir, ["flora-a"])
+    reference = make_engine(adapter_dir, ["flora-a", "flora-r4"])
+
+    async def main():
+        expected = [o.token.id for o in await collect(reference, request("def add(", "flora-r4"))]
+        long_running = asyncio.create_task(collect(engine, request("sub fib {", "flora-a", max_new_tokens=40)))
+        await asyncio.sleep(0.05)
+        await engine.load_adapter("flora-r4", str(adapter_dir / "flora-r4"))
+        got = [o.token.id for o in await collect(engine, request("def add(", "flora-r4"))]
+        await engine.unload_adapter("flora-a")  # still in use by the long request
+        with pytest.raises(ValidationError):
+            await collect(engine, request("x", "flora-a"))
+        finished = await long_running
+        await engine.shutdown()
+        await reference.shutdown()
+        return expected, got, finished
+
+    expected, got, finished = run(main())
+    assert got == expected
+    assert finished[-1].finish_reason == "length" and len(finished) == 40
+    assert "flora-a" not in engine.store.resident()
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(adapter_dir) -> None:
+    engine = make_engine(adapter_dir)
+
+    async def main():
+        task = asyncio.create_task(collect(engine, request("def add(", max_new_tokens=10)))
+        await asyncio.sleep(0.01)
+        await engine.shutdown(grace_seconds=30)
+        with pytest.raises(OverloadedError, match="shutting down"):
+            await collect(engine, request("x"))
+        return await task
+
+    outs = run(main())
+    assert outs[-1].finish_reason == "length"
+
+
+def test_engine_does_not_mutate_shared_model(adapter_dir) -> None:
+    """Adapters are only reachable through slots: the base model's weights stay untouched."""
+    engine = make_engine(adapter_dir, ALL)
+    model = engine.model
+    before = copy.deepcopy({k: v for k, v in model.state_dict().items() if "banks" not in k})
+    run(collect(engine, request("def add(", "flora-r4")))
+    run(engine.shutdown())
+    after = model.state_dict()
+    assert all((after[k] == v).all() for k, v in before.items())
