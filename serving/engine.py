@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import AsyncIterator, Optional
 
 import torch
@@ -332,3 +333,25 @@ def build_engine_from_parts(
     for name, path in adapters.items():
         store.register(name, path, check_root=False)
     return LLMEngine(model, tokenizer, store, model_id=model_id, limits=limits)
+
+
+def build_engine(settings) -> LLMEngine:
+    """The engine ``flora-serve`` runs: model and tokenizer from ``settings.model_id``, start-up adapters loaded."""
+    device = resolve_device(settings.device)
+    model, tokenizer = load_model_and_tokenizer(settings.model_id, device, settings.dtype)
+    _, max_total = settings.token_limits(getattr(model.config, "max_position_embeddings", None))
+    roots = settings.adapter_roots or sorted({str(Path(p).resolve().parent) for p in settings.lora_adapters.values()})
+    limits = EngineLimits(
+        max_concurrent_requests=settings.max_concurrent_requests,
+        max_batch_total_tokens=settings.max_batch_total_tokens or max(16384, max_total),
+    )
+    return build_engine_from_parts(
+        model,
+        tokenizer,
+        model_id=settings.model_id,
+        adapters=settings.lora_adapters,
+        adapter_roots=roots,
+        num_slots=settings.max_loaded_adapters,
+        max_rank=settings.max_adapter_rank,
+        limits=limits,
+    )
