@@ -10,8 +10,8 @@ import logging
 # kernel package is missing; flora-hf never uses 4-bit CPU kernels, so that warning is noise for our users.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from .flora import FLoRAConfig  # noqa: E402, FLoRALayer, FLoRAModel
-from .per_example import BASE_ADAPTER_NAME  # noqa: E402, AdapterBatch, adapter_batch, set_trainable_adapters
+from .flora import FLoRAConfig, FLoRALayer, FLoRAModel  # noqa: E402
+from .per_example import BASE_ADAPTER_NAME, AdapterBatch, adapter_batch, set_trainable_adapters  # noqa: E402
 
 __version__ = "0.1.0"
 
