@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PY) -c 'import torch' 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)  # keep a CUDA build already there
 	$(PIP) install -q -e ".[dev]"
+	# the text-generation client pins huggingface-hub<1.0, which transformers 5 outgrew; its code works with 1.x+
+	$(PIP) install -q --no-deps "text-generation==0.7.0"
 	touch $(STAMP)
 
 demo: setup

@@ -1,0 +1,423 @@
+"""Wire formats of the HTTP API: TGI's routes field for field, plus the OpenAI-compatible ones.
+
+Field names, defaults and which keys are omitted when empty follow TGI's router (``router/src/lib.rs``), so
+``huggingface_hub.InferenceClient``, the ``text-generation`` client and ``openai`` parse our answers unchanged.
+Requests are lenient where TGI's serde is strict only by accident (``null`` for a list or a flag means "default"),
+and strict where TGI is (unsigned integers reject negatives with a 422).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, field_validator, model_serializer
+
+FinishReasonStr = Literal["length", "eos_token", "stop_sequence"]
+
+
+class _Wire(BaseModel):
+    """Base of every response model: drops the keys TGI leaves out when they are empty (``skip_serializing_if``)."""
+
+    omit_if_empty: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _drop_empty(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for key in self.omit_if_empty:
+            if data.get(key) in (None, []):
+                data.pop(key, None)
+        return data
+
+
+def _finite(value: Optional[float]) -> Optional[float]:
+    """NaN/inf logprobs become null, as serde_json writes them (json.dumps would emit invalid JSON)."""
+    return None if value is None or not math.isfinite(value) else value
+
+
+Logprob = Annotated[Optional[float], AfterValidator(_finite)]
+
+
+# --------------------------------------------------------------------------------------------------- TGI requests
+
+
+class Grammar(BaseModel):
+    """TGI's ``GrammarType``; accepted so the request parses, then rejected by validation (not supported here)."""
+
+    type: Literal["json", "json_object", "regex"]
+    value: Any = None
+
+
+class GenerateParameters(BaseModel):
+    """``parameters`` of a generate request; defaults are TGI's (``max_new_tokens`` 100 when absent)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    best_of: Optional[int] = Field(default=None, ge=0)
+    temperature: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    typical_p: Optional[float] = None
+    do_sample: bool = False
+    max_new_tokens: Optional[int] = Field(default=100, ge=0)
+    return_full_text: Optional[bool] = None
+    stop: list[str] = Field(default_factory=list)
+    truncate: Optional[int] = Field(default=None, ge=0)
+    watermark: bool = False
+    details: bool = False
+    decoder_input_details: bool = False
+    seed: Optional[int] = Field(default=None, ge=0, lt=2**64)
+    top_n_tokens: Optional[int] = Field(default=None, ge=0)
+    grammar: Optional[Grammar] = None
+    adapter_id: Optional[str] = None
+
+    @field_validator("do_sample", "watermark", "details", "decoder_input_details", mode="before")
+    @classmethod
+    def _null_flag(cls, value: Any) -> Any:
+        return False if value is None else value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _null_stop(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+
+def _default_parameters() -> GenerateParameters:
+    # TGI quirk kept on purpose: a request with no `parameters` object at all samples (`default_parameters()`).
+    return GenerateParameters(do_sample=True)
+
+
+class GenerateRequest(BaseModel):
+    inputs: str
+    parameters: GenerateParameters = Field(default_factory=_default_parameters)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _null_parameters(cls, value: Any) -> Any:
+        return _default_parameters() if value is None else value
+
+
+class CompatGenerateRequest(GenerateRequest):
+    """Body of ``POST /``: the Python clients post here, with ``stream`` choosing JSON list or SSE."""
+
+    stream: bool = False
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _null_stream(cls, value: Any) -> Any:
+        return False if value is None else value
+
+
+# -------------------------------------------------------------------------------------------------- TGI responses
+
+
+class PrefillToken(_Wire):
+    id: int
+    text: str
+    logprob: Logprob = None
+
+
+class Token(_Wire):
+    id: int
+    text: str
+    logprob: Logprob = None
+    special: bool = False
+
+
+class BestOfSequence(_Wire):
+    omit_if_empty = frozenset({"top_tokens"})
+
+    generated_text: str
+    finish_reason: FinishReasonStr
+    generated_tokens: int
+    seed: Optional[int] = None
+    prefill: list[PrefillToken] = Field(default_factory=list)
+    tokens: list[Token] = Field(default_factory=list)
+    top_tokens: list[list[Token]] = Field(default_factory=list)
+
+
+class Details(_Wire):
+    omit_if_empty = frozenset({"best_of_sequences", "top_tokens"})
+
+    finish_reason: FinishReasonStr
+    generated_tokens: int
+    seed: Optional[int] = None
+    prefill: list[PrefillToken] = Field(default_factory=list)
+    tokens: list[Token] = Field(default_factory=list)
+    best_of_sequences: Optional[list[BestOfSequence]] = None
+    top_tokens: list[list[Token]] = Field(default_factory=list)
+
+
+class GenerateResponse(_Wire):
+    omit_if_empty = frozenset({"details"})
+
+    generated_text: str
+    details: Optional[Details] = None
+
+
+class StreamDetails(_Wire):
+    finish_reason: FinishReasonStr
+    generated_tokens: int
+    seed: Optional[int] = None
+    input_length: int
+
+
+class StreamResponse(_Wire):
+    """One SSE event of ``/generate_stream``; only the last one carries ``generated_text`` and ``details``."""
+
+    omit_if_empty = frozenset({"top_tokens"})
+
+    index: int
+    token: Token
+    top_tokens: list[Token] = Field(default_factory=list)
+    generated_text: Optional[str] = None
+    details: Optional[StreamDetails] = None
+
+
+class ErrorResponse(_Wire):
+    error: str
+    error_type: str
+
+
+class SimpleToken(_Wire):
+    id: int
+    text: str
+    start: int
+    stop: int
+
+
+class TokenizeResponse(RootModel[list[SimpleToken]]):
+    pass
+
+
+class Info(_Wire):
+    """``GET /info``: TGI's fields (current and legacy names) plus flora's adapter limits."""
+
+    model_id: str
+    model_sha: Optional[str] = None
+    model_dtype: Optional[str] = None
+    model_device_type: Optional[str] = None
+    model_pipeline_tag: Optional[str] = "text-generation"
+    max_concurrent_requests: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_input_tokens: int
+    max_input_length: int
+    max_total_tokens: int
+    max_batch_total_tokens: Optional[int] = None
+    validation_workers: int = 1
+    max_client_batch_size: int
+    router: str = "flora-serve"
+    version: str
+    sha: Optional[str] = None
+    docker_label: Optional[str] = None
+    max_loaded_adapters: int
+    max_adapter_rank: int
+    adapters: list[str] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- OpenAI requests
+
+
+class TextChunk(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: Optional[str] = None
+    image_url: Optional[dict[str, Any]] = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: Union[str, list[TextChunk], None] = None
+    name: Optional[str] = None
+
+    def flat_text(self) -> str:
+        """Flatten multi-part content the way TGI does (images become markdown links)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for chunk in self.content:
+            if chunk.text is not None:
+                parts.append(chunk.text)
+            elif chunk.image_url is not None:
+                parts.append(f"![]({chunk.image_url.get('url', '')})")
+        return "".join(parts)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(default=None, ge=0)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=0)
+    n: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(default=None, ge=0, lt=2**64)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _null_stream(cls, value: Any) -> Any:
+        return False if value is None else value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatRequest(_OpenAIRequest):
+    messages: list[ChatMessage]
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0)
+    tools: Optional[list[Any]] = None
+    tool_choice: Any = None
+    response_format: Optional[Any] = None
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: Union[str, list[str]]
+    suffix: Optional[str] = None
+    logprobs: Optional[int] = None
+    echo: bool = False
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+# --------------------------------------------------------------------------------------------- OpenAI responses
+
+
+class Usage(_Wire):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(_Wire):
+    token: str
+    logprob: Logprob = None
+
+
+class LogprobEntry(_Wire):
+    token: str
+    logprob: Logprob = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(_Wire):
+    content: list[LogprobEntry]
+
+
+class OutputMessage(_Wire):
+    role: str = "assistant"
+    content: str
+
+
+class ChatCompletionComplete(_Wire):
+    index: int
+    message: OutputMessage
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: str
+
+
+class ChatCompletion(_Wire):
+    object: str = "chat.completion"
+    id: str = ""
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatCompletionComplete]
+    usage: Usage
+
+
+class ChatDelta(_Wire):
+    role: str = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(_Wire):
+    index: int
+    delta: ChatDelta
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletionChunk(_Wire):
+    object: str = "chat.completion.chunk"
+    id: str = ""
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatCompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class CompletionComplete(_Wire):
+    index: int
+    text: str
+    logprobs: Optional[list[float]] = None
+    finish_reason: str
+
+
+class CompletionFinal(_Wire):
+    """Both the non-streamed answer and the last streamed chunk of ``/v1/completions`` (TGI sends usage there)."""
+
+    object: str = "text_completion"
+    id: str = ""
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionComplete]
+    usage: Usage
+
+
+class CompletionChunk(_Wire):
+    object: str = "text_completion"
+    id: str = ""
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionComplete]
+
+
+class ModelInfo(_Wire):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str
+
+
+class ModelsInfo(_Wire):
+    object: str = "list"
+    data: list[ModelInfo]
+
+
+# ------------------------------------------------------------------------------------------------------ admin
+
+
+class AdapterLoadRequest(BaseModel):
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+    path: str = Field(min_length=1)
+
+
+class AdapterList(_Wire):
+    adapters: list[str]
+    max_loaded_adapters: int
