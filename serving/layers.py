@@ -68,34 +68,36 @@ class SlotLinear(nn.Module):
         dim = self.d_in if role in ("flora_in", "lora_a", "ia3_in") else self.d_out
         return (dim,) if role.startswith("ia3") else (self.max_rank, dim)
 
-    def _bank(self, role: Role) -> Tensor:
-        bank = self.banks.get(role)
-        if bank is None:
-            weight = self.base_layer.weight
-            row = _neutral(role, self._bank_shape(role), weight.dtype, weight.device)
-            bank = row.unsqueeze(0).repeat(self.num_slots + 1, *([1] * row.dim()))
-            self.banks[role] = bank
-        return bank
+    def _new_bank(self, role: Role) -> Tensor:
+        weight = self.base_layer.weight
+        row = _neutral(role, self._bank_shape(role), weight.dtype, weight.device)
+        return row.unsqueeze(0).repeat(self.num_slots + 1, *([1] * row.dim()))
 
     @torch.no_grad()
     def write_slot(self, slot: int, tensors: dict[Role, Tensor]) -> None:
-        """Put an adapter's tensors for this layer in ``slot``; every other bank's slot goes back to neutral."""
-        for role in set(self.banks) | set(tensors):
-            bank = self._bank(role)
+        """Put an adapter's tensors for this layer in ``slot``; every other bank's slot goes back to neutral.
+
+        Runs on the loader thread while the scheduler may be in a forward: rows of other slots are never touched,
+        and new banks are published together by swapping the dict, so a forward never sees half a FLoRA pair.
+        """
+        banks = dict(self.banks)
+        for role in tensors:
+            if role not in banks:
+                banks[role] = self._new_bank(role)
+        for role, bank in banks.items():
             tensor = tensors.get(role)
             if tensor is None:
                 bank[slot] = _neutral(role, self._bank_shape(role), bank.dtype, bank.device)
-            elif role == "flora_in" or role == "flora_out":
-                pass  # written as a pair below
             elif role.startswith("lora"):
                 bank[slot].zero_()
                 bank[slot, : tensor.shape[0]] = tensor.to(bank.dtype)
-            else:
+            elif role.startswith("ia3"):
                 bank[slot] = tensor.to(bank.dtype)
         if "flora_in" in tensors:
             f_in, f_out = bank_row(tensors["flora_in"], tensors["flora_out"], self.max_rank)
-            self._bank("flora_in")[slot] = f_in.to(self.banks["flora_in"].dtype)
-            self._bank("flora_out")[slot] = f_out.to(self.banks["flora_out"].dtype)
+            banks["flora_in"][slot] = f_in.to(banks["flora_in"].dtype)
+            banks["flora_out"][slot] = f_out.to(banks["flora_out"].dtype)
+        self.banks = banks
 
     def clear_slot(self, slot: int) -> None:
         self.write_slot(slot, {})
