@@ -33,7 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import uvicorn
 
-    from serving.server import create_app
+    from serving.api import create_app
 
     engine = load_engine_factory()(settings)
     app = create_app(engine, settings)

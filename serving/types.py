@@ -115,15 +115,30 @@ class GenerationError(FloraServeError):
     error_type = "generation"
 
 
-class AdapterError(FloraServeError):
-    """An adapter could not be loaded (corrupt, mismatched, non-finite, outside the allowed roots)."""
+class AdapterError(ValidationError):
+    """An adapter could not be loaded (corrupt, mismatched, non-finite, outside the allowed roots).
+
+    A ``ValidationError`` (422, ``validation``) whose message the HTTP layer sends as it is, without TGI's
+    ``"Input validation error: "`` prefix.
+    """
 
     status_code = 422
     error_type = "validation"
 
 
+class IncompleteGenerationError(FloraServeError):
+    """The engine's iterator ended without a finished token (TGI's ``IncompleteGeneration``)."""
+
+    status_code = 500
+    error_type = "incomplete_generation"
+
+
 class Engine(Protocol):
-    """What the HTTP layer needs from the engine (``serving.engine.LLMEngine`` implements it)."""
+    """What the HTTP layer needs from the engine (``serving.engine.LLMEngine`` implements it).
+
+    Error messages are bare (``"`temperature` must be strictly positive"``, ``"the model failed at prefill"``):
+    the HTTP layer adds TGI's prefixes (``"Input validation error: "``, ``"Request failed during generation: "``).
+    """
 
     tokenizer: Any  # a transformers PreTrainedTokenizerBase
     model_id: str
@@ -146,7 +161,11 @@ class Engine(Protocol):
     async def unload_adapter(self, name: str) -> None: ...
 
     def stats(self) -> dict[str, int]:
-        """Queue size, running batch size, in-flight requests: for /metrics and /health."""
+        """Counters for /metrics and /health (which calls it to check the engine answers).
+
+        Keys: ``queue_size`` (requests waiting to join the batch), ``batch_size`` (rows in the running batch),
+        ``in_flight`` (requests admitted and not finished: queued plus running).
+        """
         ...
 
     async def shutdown(self, grace_seconds: float = 10.0) -> None:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import uvicorn
 
-from serving.server import create_app
+from serving.api import create_app
 from serving.settings import ServerSettings
 from tests.serving.fake_engine import MODEL_ID, FakeEngine
 

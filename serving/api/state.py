@@ -1,0 +1,157 @@
+"""What the routes share: the engine, settings, validator and metrics of one app, and per-request timing."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Annotated, AsyncIterator, Iterator, Optional
+
+from fastapi import Depends, Request
+
+from serving.api.errors import failure_label
+from serving.api.generation import Generation
+from serving.api.sse import EventStream
+from serving.metrics import ServerMetrics
+from serving.schemas import GenerateParameters, Info
+from serving.settings import ServerSettings
+from serving.types import Engine, FloraServeError, GenerationRequest
+from serving.validation import Validator
+
+
+def _version() -> str:
+    try:
+        return metadata.version("flora-hf")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+VERSION = _version()
+
+
+@dataclass
+class Timing:
+    start: float
+    validated: float = 0.0
+
+
+class AppState:
+    """What the routes share; one per app so tests can run many apps in one process."""
+
+    def __init__(self, engine: Engine, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.model_id = getattr(engine, "model_id", None) or settings.model_id
+        max_positions = getattr(engine, "max_position_embeddings", None) or _config_positions(engine)
+        self.max_input_tokens, self.max_total_tokens = settings.token_limits(max_positions)
+        self.validator = Validator(
+            engine.tokenizer,
+            self.max_input_tokens,
+            self.max_total_tokens,
+            adapter_exists=lambda name: name in engine.adapter_names(),
+            max_top_n_tokens=settings.max_top_n_tokens,
+            max_stop_sequences=settings.max_stop_sequences,
+            max_best_of=settings.max_best_of,
+            adapter_names=engine.adapter_names,
+            model_id=self.model_id,
+        )
+        self.metrics = ServerMetrics(self.max_input_tokens, self.max_total_tokens, engine.stats)
+        self.compute_type = os.environ.get("COMPUTE_TYPE", "gpu+optimized")
+        self.docker_label = os.environ.get("DOCKER_LABEL") or None
+        self.system_fingerprint = f"{VERSION}-{self.docker_label or 'native'}"
+        self.shutting_down = False
+
+    def start_request(self) -> Timing:
+        """Count a generation request and start its clock."""
+        timing = Timing(start=time.monotonic())
+        self.metrics.request_started()
+        return timing
+
+    def validate(
+        self, inputs: str, params: GenerateParameters, *, add_special_tokens: bool = True
+    ) -> GenerationRequest:
+        request = self.validator.validate(inputs, params, add_special_tokens=add_special_tokens)
+        self.metrics.request_validated(len(request.input_ids), request.stopping.max_new_tokens, request.adapter_id)
+        return request
+
+    @contextmanager
+    def track_failures(self) -> Iterator[None]:
+        try:
+            yield
+        except FloraServeError as exc:
+            self.metrics.request_failed(failure_label(exc))
+            raise
+
+    def succeeded(self, timing: Timing, gen: Generation) -> None:
+        self.metrics.request_succeeded(
+            total=time.monotonic() - timing.start,
+            validation=timing.validated - timing.start,
+            queue=gen.first_token - timing.validated,
+            inference=gen.finished - gen.first_token,
+            generated_tokens=gen.generated_tokens,
+        )
+
+    def timing_headers(self, timing: Timing, gen: Generation, inputs: str) -> dict[str, str]:
+        """TGI's ``x-*`` headers of a non-streamed answer."""
+        total = time.monotonic() - timing.start
+        inference = gen.finished - gen.first_token
+        ms = lambda seconds: str(int(seconds * 1000))  # noqa: E731
+        return {
+            "x-compute-type": self.compute_type,
+            "x-compute-time": str(total),
+            "x-compute-characters": str(len(inputs)),
+            "x-total-time": ms(total),
+            "x-validation-time": ms(timing.validated - timing.start),
+            "x-queue-time": ms(gen.first_token - timing.validated),
+            "x-inference-time": ms(inference),
+            "x-time-per-token": ms(inference / max(gen.generated_tokens, 1)),
+            "x-prompt-tokens": str(len(gen.request.input_ids)),
+            "x-generated-tokens": str(gen.generated_tokens),
+        }
+
+    def event_stream(self, events: AsyncIterator[bytes], headers: Optional[dict[str, str]] = None) -> EventStream:
+        """A streamed answer with the server's keep-alive interval and ``x-compute-type``."""
+        headers = {"x-compute-type": self.compute_type, **(headers or {})}
+        return EventStream(events, headers, keep_alive=self.settings.keep_alive_interval)
+
+    def info(self) -> Info:
+        model = getattr(self.engine, "model", None)
+        dtype = getattr(self.engine, "dtype", None) or getattr(model, "dtype", None) or self.settings.dtype
+        device = getattr(self.engine, "device", None) or self.settings.device
+        return Info(
+            model_id=self.model_id,
+            model_dtype=None if dtype is None else str(dtype),
+            model_device_type=str(device).split(":")[0],
+            max_concurrent_requests=self.settings.max_concurrent_requests,
+            max_best_of=self.settings.max_best_of,
+            max_stop_sequences=self.settings.max_stop_sequences,
+            max_input_tokens=self.max_input_tokens,
+            max_input_length=self.max_input_tokens,
+            max_total_tokens=self.max_total_tokens,
+            max_batch_total_tokens=self.settings.max_batch_total_tokens,
+            max_client_batch_size=self.settings.max_client_batch_size,
+            version=VERSION,
+            docker_label=self.docker_label,
+            max_loaded_adapters=self.settings.max_loaded_adapters,
+            max_adapter_rank=self.settings.max_adapter_rank,
+            adapters=sorted(self.engine.adapter_names()),
+        )
+
+    def served_model(self, request: GenerationRequest) -> str:
+        return request.adapter_id or self.model_id
+
+
+def _config_positions(engine: Engine) -> Optional[int]:
+    """The context length from ``engine.model.config``, when the engine exposes its model (as LLMEngine does)."""
+    config = getattr(getattr(engine, "model", None), "config", None)
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return value if isinstance(value, int) else None
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.flora
+
+
+State = Annotated[AppState, Depends(app_state)]  # a route parameter that receives the app's AppState
