@@ -13,7 +13,7 @@ import torch
 
 FLoRAPath = Literal["rank1", "stacked", "merged"]
 
-# A merged path materialises one (d_in, d_out) weight per row; never let that exceed this many bytes.
+# The merged path materialises one (d_in, d_out) weight per row, in chunks of at most this many bytes.
 DEFAULT_MAX_MERGE_BYTES = 1 << 30
 
 
@@ -73,8 +73,7 @@ def choose_flora_path(
     """Cheapest exact path for this call; ``can_merge`` is False when W0 is not materialisable (quantized base)."""
     if s.rank == 1:
         return "rank1"
-    weights = 1 if s.shared else s.rows
-    merge_ok = can_merge and not s.per_token and weights * s.d_in * s.d_out * s.itemsize <= max_merge_bytes
+    merge_ok = can_merge and not s.per_token and s.d_in * s.d_out * s.itemsize <= max_merge_bytes
     if not merge_ok:
         return "stacked"
     hw = roofline_for(device)

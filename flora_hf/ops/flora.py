@@ -55,10 +55,9 @@ def _rows_view(x: Tensor, indices: Optional[Tensor]) -> tuple[Tensor, bool]:
 
 def _gather(bank: Tensor, indices: Optional[Tensor], like: Tensor, per_token: bool) -> Tensor:
     """Bank rows for each row/token of ``like`` (``(B, M, d)``) as ``(B|1, M|1, R, d)`` in ``like``'s dtype."""
-    bank = bank.to(like.dtype)
     if indices is None:
-        return bank[0][None, None]
-    rows = bank[indices]
+        return bank[0].to(like.dtype)[None, None]
+    rows = bank[indices].to(like.dtype)  # gather first: converting the whole bank would touch every adapter
     if per_token:
         return rows.reshape(like.shape[0], like.shape[1], *bank.shape[1:])
     return rows[:, None]
@@ -75,11 +74,25 @@ def flora_stacked(x3: Tensor, g_in: Tensor, g_out: Tensor, base_mm: BaseMatmul) 
     return (h * g_out).sum(dim=-2)
 
 
-def flora_merged(x3: Tensor, g_in: Tensor, g_out: Tensor, w0: Tensor) -> Tensor:
-    """Semantics: y = x (W0 ∘ ΔW_b) with ΔW_b = B_bᵀ A_b built once per row; cheaper than stacking when M ≫ R."""
+def flora_merged(
+    x3: Tensor, g_in: Tensor, g_out: Tensor, w0: Tensor, max_merge_bytes: int = DEFAULT_MAX_MERGE_BYTES
+) -> Tensor:
+    """Semantics: y = x (W0 ∘ ΔW_b) with ΔW_b = B_bᵀ A_b built once per row; cheaper than stacking when M ≫ R.
+
+    Rows are merged in chunks so that at most ``max_merge_bytes`` of merged weights exist at once.
+    """
     b_in, b_out = g_in[:, 0], g_out[:, 0]  # (B|1, R, d)
-    merged = w0.to(x3.dtype) * (b_in.transpose(-1, -2) @ b_out)  # (B|1, d_in, d_out)
-    return torch.matmul(x3, merged)
+    w0 = w0.to(x3.dtype)
+    per_row = w0.numel() * x3.element_size()
+    chunk = max(1, max_merge_bytes // per_row)
+    if b_in.shape[0] == 1:
+        return torch.matmul(x3, (b_in.transpose(-1, -2) @ b_out).mul_(w0))
+    outs = []
+    for start in range(0, x3.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        merged = (b_in[rows].transpose(-1, -2) @ b_out[rows]).mul_(w0)  # (chunk, d_in, d_out), one live copy
+        outs.append(torch.matmul(x3[rows], merged))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 def flora_linear(
@@ -131,7 +144,7 @@ def flora_linear(
     elif path == "merged":
         if weight is None or per_token:
             raise ValueError("the merged path needs a dense base weight and per-row (not per-token) indices")
-        y = flora_merged(x3, g_in, g_out, weight_in_out(weight, fan_in_fan_out))
+        y = flora_merged(x3, g_in, g_out, weight_in_out(weight, fan_in_fan_out), max_merge_bytes)
     else:
         raise ValueError(f"unknown FLoRA path {path!r}; expected 'auto', 'rank1', 'stacked' or 'merged'")
     if bias is not None:

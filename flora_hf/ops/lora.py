@@ -14,7 +14,7 @@ from torch import Tensor
 
 
 def _row_factors(bank: Tensor, indices: Tensor, x3: Tensor) -> Tensor:
-    return bank.to(x3.dtype)[indices]
+    return bank[indices].to(x3.dtype)  # gather first: converting the whole bank would touch every adapter
 
 
 def lora_bmm_delta(x: Tensor, bank_a: Tensor, bank_b: Tensor, indices: Tensor) -> Tensor:
@@ -60,7 +60,7 @@ def ia3_scale(y: Tensor, bank: Tensor, indices: Optional[Tensor]) -> Tensor:
     """Semantics: y[b] ∘ l_{indices[b]}: IA3's per-row scaling of a layer's input or output (bank ``(n, d)``, row 0 ones)."""
     if indices is None:
         return y * bank[0].to(y.dtype)
-    rows = bank.to(y.dtype)[indices]
+    rows = bank[indices].to(y.dtype)
     return y * rows.reshape(rows.shape[0], *([1] * (y.dim() - 2)), rows.shape[-1])
 
 

@@ -48,6 +48,18 @@ def test_every_path_matches_reference_per_row(rank: int, fan_in_fan_out: bool) -
         torch.testing.assert_close(y, ref, atol=1e-5, rtol=0, msg=f"path {path}")
 
 
+def test_merged_path_in_chunks_under_a_memory_cap() -> None:
+    w_in_out, weight, bias = setup_layer(False)
+    bank_in, bank_out = build_flora_bank(random_adapters(3, 2), D_IN, D_OUT)
+    x = torch.randn(5, 6, D_IN)
+    idx = torch.tensor([1, 2, 3, 0, 2])
+    ref = flora_linear_reference(x, w_in_out, bias, bank_in, bank_out, idx)
+    one_row = D_IN * D_OUT * 4
+    for cap in (one_row, 2 * one_row + 1, 100 * one_row):
+        y = flora_linear(x, bank_in, bank_out, idx, weight=weight, bias=bias, path="merged", max_merge_bytes=cap)
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("rank", [1, 4])
 def test_per_token_indices_match_reference(rank: int) -> None:
     w_in_out, weight, bias = setup_layer(False)
@@ -185,4 +197,5 @@ def test_cost_model_choices() -> None:
     assert choose_flora_path(_shape(8, 512, 2048, 8), gpu) == "merged"  # prefill: L ≫ r
     assert choose_flora_path(_shape(8, 512, 2048, 8), gpu, can_merge=False) == "stacked"
     assert choose_flora_path(_shape(8, 512, 2048, 8, per_token=True), gpu) == "stacked"
-    assert choose_flora_path(_shape(8, 512, 6144, 8), gpu, max_merge_bytes=1 << 20) == "stacked"
+    assert choose_flora_path(_shape(8, 512, 6144, 8), gpu, max_merge_bytes=1 << 20) == "stacked"  # not one row fits
+    assert choose_flora_path(_shape(8, 512, 6144, 8, itemsize=4), gpu) == "merged"  # 15B fp32: merged in chunks
