@@ -299,20 +299,29 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_model_and_tokenizer(model_id: str, device: torch.device, dtype: Optional[str] = None):
+def load_model_and_tokenizer(
+    model_id: str, device: torch.device, dtype: Optional[str] = None, quantize: Optional[str] = None
+):
     """Load a causal LM from a local folder or the hub, with a message that says what to do offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    extra = {}
+    if quantize:
+        if quantize not in ("bitsandbytes", "bitsandbytes-8bit"):
+            raise SystemExit(f"--quantize {quantize} is not supported; use bitsandbytes (8-bit)")
+        from transformers import BitsAndBytesConfig
+
+        extra = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": str(device)}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, **extra)
     except OSError as exc:
         raise SystemExit(
             f"could not load model {model_id!r}: {exc}\nWithout network access, pass --model-id a local folder "
             "holding config.json, the weights and the tokenizer (e.g. one written by save_pretrained)."
         ) from exc
-    return model.to(device).eval(), tokenizer
+    return (model if quantize else model.to(device)).eval(), tokenizer
 
 
 def build_engine_from_parts(
@@ -338,7 +347,7 @@ def build_engine_from_parts(
 def build_engine(settings) -> LLMEngine:
     """The engine ``flora-serve`` runs: model and tokenizer from ``settings.model_id``, start-up adapters loaded."""
     device = resolve_device(settings.device)
-    model, tokenizer = load_model_and_tokenizer(settings.model_id, device, settings.dtype)
+    model, tokenizer = load_model_and_tokenizer(settings.model_id, device, settings.dtype, settings.quantize)
     _, max_total = settings.token_limits(getattr(model.config, "max_position_embeddings", None))
     roots = settings.adapter_roots or sorted({str(Path(p).resolve().parent) for p in settings.lora_adapters.values()})
     limits = EngineLimits(

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from flora_hf.flora.bnb import is_8bit_linear
+from flora_hf.flora.layer import scaled_base_matmul
 from flora_hf.ops import bank_row, flora_linear, ia3_scale, lora_bmm_delta
 
 from .adapters.loader import Role, linear_features
@@ -62,7 +64,15 @@ class SlotLinear(nn.Module):
         self.max_rank = max_rank
         self.d_in, self.d_out = linear_features(base_layer)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.quantized = is_8bit_linear(base_layer)  # int8 W0: FLoRA runs as a scaled call of the layer
         self.banks: dict[Role, Tensor] = {}
+
+    def _base_call_kwargs(self) -> dict:
+        """How the math core reaches W0 (the same choice the PEFT layers make)."""
+        base = self.base_layer
+        if self.quantized:
+            return {"weight": None, "base_mm": scaled_base_matmul(base), "bias": base.bias}
+        return {"weight": base.weight, "bias": base.bias, "fan_in_fan_out": self.fan_in_fan_out}
 
     def _bank_shape(self, role: Role) -> tuple[int, ...]:
         dim = self.d_in if role in ("flora_in", "lora_a", "ia3_in") else self.d_out
@@ -70,7 +80,8 @@ class SlotLinear(nn.Module):
 
     def _new_bank(self, role: Role) -> Tensor:
         weight = self.base_layer.weight
-        row = _neutral(role, self._bank_shape(role), weight.dtype, weight.device)
+        dtype = torch.float16 if self.quantized else weight.dtype  # int8 weights: keep adapters in half precision
+        row = _neutral(role, self._bank_shape(role), dtype, weight.device)
         return row.unsqueeze(0).repeat(self.num_slots + 1, *([1] * row.dim()))
 
     @torch.no_grad()
@@ -111,16 +122,7 @@ class SlotLinear(nn.Module):
             x = ia3_scale(x, banks["ia3_in"], idx)
         if meta.flora_rank and "flora_in" in banks:
             r = meta.flora_rank
-            base = self.base_layer
-            y = flora_linear(
-                x,
-                banks["flora_in"][:, :r],
-                banks["flora_out"][:, :r],
-                idx,
-                weight=base.weight,
-                bias=base.bias,
-                fan_in_fan_out=self.fan_in_fan_out,
-            )
+            y = flora_linear(x, banks["flora_in"][:, :r], banks["flora_out"][:, :r], idx, **self._base_call_kwargs())
         else:
             y = self.base_layer(x, *args, **kwargs)
         if meta.lora_rank and "lora_a" in banks:

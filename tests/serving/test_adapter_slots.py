@@ -173,3 +173,21 @@ def test_bad_adapters_are_refused_with_clear_messages(adapters, tmp_path) -> Non
         load_adapter_folder("big", root / "flora4", base, max_rank=2)
     assert store.names() == []  # nothing half-registered
     store.close()
+
+
+def test_slot_layer_on_an_8bit_base_uses_the_scaled_call() -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    linear = torch.nn.Linear(16, 12)
+    q = bnb.nn.Linear8bitLt(16, 12, has_fp16_weights=False, threshold=0.0)
+    q.load_state_dict(linear.state_dict())
+    layer = SlotLinear(q, AdapterContext(), num_slots=2, max_rank=4)
+    f_in, f_out = 1 + 0.3 * torch.randn(2, 16), 1 + 0.3 * torch.randn(2, 12)
+    layer.write_slot(2, {"flora_in": f_in, "flora_out": f_out})
+    x = torch.randn(2, 3, 16)
+    layer.context.current = StepMetadata(slots=torch.tensor([2, 0]), flora_rank=2)
+    with torch.no_grad():
+        got = layer(x)
+        expected = torch.stack([f_out[j] * (q(x[0] * f_in[j]) - q.bias) for j in range(2)]).mean(0) + q.bias
+    assert layer.banks["flora_in"].dtype == torch.float16
+    torch.testing.assert_close(got[0], expected, atol=2e-2, rtol=0)  # adapters held in fp16 on int8 bases
+    torch.testing.assert_close(got[1], q(x[1]), atol=1e-5, rtol=0)
