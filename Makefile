@@ -8,9 +8,20 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.flora-hf-installed
 
-.PHONY: setup demo test lint format bench-layer clean
+# Debian tools the tests drive for real: speech synthesis, an MP3 encoder, interpreters for pass@k.
+APT_PACKAGES ?= espeak-ng lame perl ruby lua5.4
 
-setup: $(STAMP)
+.PHONY: setup system-deps demo test lint format bench-layer clean
+
+setup: $(STAMP) system-deps
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else echo "missing Debian packages:$$missing (tests that need them will be skipped)"; fi; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
