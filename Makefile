@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.flora-hf-installed
 
 # Debian tools the tests drive for real: speech synthesis, an MP3 encoder, interpreters for pass@k.
-APT_PACKAGES ?= espeak-ng lame perl ruby lua5.4
+APT_PACKAGES ?= espeak-ng lame perl libtest-deep-perl ruby lua5.4
 
 .PHONY: setup system-deps demo test lint format bench-layer clean
 

@@ -1,0 +1,89 @@
+"""Evaluators for the paper's accuracy claims: pass@k on MultiPL-E by running code, and WER on Common Voice.
+
+pass@k::
+
+    from trainers.evaluation import run_passk_eval
+    report = run_passk_eval(model, "problems/humaneval-pl.jsonl", adapter={"pl": "perl"}, tokenizer=tokenizer,
+                            out_json="out/passk-perl.json")          # or model_or_url="http://localhost:8080"
+    report["languages"]["pl"]["pass@1"]
+
+or step by step: :func:`load_problems`, :func:`generate_completions` (local model, one adapter per example) or
+:func:`generate_completions_via_server` (a running ``flora-serve``), then :func:`evaluate_completions`, which runs
+each program with :func:`run_program` in a sandbox and applies the unbiased :func:`pass_at_k`.
+
+WER::
+
+    from trainers.evaluation import run_wer_eval
+    result = run_wer_eval(references, hypotheses, language="mr")   # result.wer, result.normalized_wer
+"""
+
+from typing import Any
+
+from .languages import LanguageSpec, canonical_language, known_languages, language_spec, register_language
+from .passk import (
+    DEFAULT_N_SAMPLES,
+    DEFAULT_TEMPERATURE,
+    Problem,
+    assemble_program,
+    evaluate_completions,
+    load_problems,
+    load_problems_from_hub,
+    mean_pass_at_k,
+    pass_at_k,
+    read_completions_jsonl,
+    read_problems_jsonl,
+    run_passk_eval,
+    truncate_at_stop_tokens,
+    write_report,
+)
+from .sandbox import SandboxLimits, SandboxResult, missing_tools, run_program, toolchain_available
+from .wer import WERResult, WordCounts, corpus_wer, run_wer_eval, whisper_normalizer, word_counts
+
+_GENERATION = ("AdapterChoice", "adapter_names_for", "generate_completions", "generate_completions_via_server")
+
+
+def __getattr__(name: str) -> Any:
+    """Generation needs torch, transformers and PEFT (seconds to import); scoring and WER do not."""
+    if name in _GENERATION:
+        from . import generation
+
+        return getattr(generation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "DEFAULT_N_SAMPLES",
+    "DEFAULT_TEMPERATURE",
+    "AdapterChoice",
+    "LanguageSpec",
+    "Problem",
+    "SandboxLimits",
+    "SandboxResult",
+    "WERResult",
+    "WordCounts",
+    "adapter_names_for",
+    "assemble_program",
+    "canonical_language",
+    "corpus_wer",
+    "evaluate_completions",
+    "generate_completions",
+    "generate_completions_via_server",
+    "known_languages",
+    "language_spec",
+    "load_problems",
+    "load_problems_from_hub",
+    "mean_pass_at_k",
+    "missing_tools",
+    "pass_at_k",
+    "read_completions_jsonl",
+    "read_problems_jsonl",
+    "register_language",
+    "run_passk_eval",
+    "run_program",
+    "run_wer_eval",
+    "toolchain_available",
+    "truncate_at_stop_tokens",
+    "whisper_normalizer",
+    "word_counts",
+    "write_report",
+]
