@@ -11,7 +11,7 @@ STAMP := $(VENV)/.flora-hf-installed
 # Debian tools the tests drive for real: speech synthesis, an MP3 encoder, interpreters for pass@k.
 APT_PACKAGES ?= espeak-ng lame perl libtest-deep-perl ruby lua5.4
 
-.PHONY: setup system-deps demo test lint format bench-layer clean
+.PHONY: setup system-deps demo test lint format bench-layer bench-serve docker clean
 
 setup: $(STAMP) system-deps
 
@@ -50,6 +50,13 @@ format: setup
 
 bench-layer: setup
 	$(PY) bench/layer.py
+
+bench-serve: setup
+	$(PY) bench/serve.py
+
+# Docker cannot build on the development machines; CI and tests run the same entrypoint (flora-serve) directly.
+docker:
+	docker build -f serving/Dockerfile -t flora-serve .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache bench/results
