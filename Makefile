@@ -34,6 +34,7 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(PY) -m trainers.demo
+	$(PY) -m trainers.demo_serve
 
 test: setup
 	$(PY) -m ruff check .
