@@ -341,6 +341,7 @@ def build_engine_from_parts(
     store = AdapterStore(model, AdapterContext(), num_slots=num_slots, max_rank=max_rank, roots=adapter_roots)
     for name, path in adapters.items():
         store.register(name, path, check_root=False)
+    store.warm(adapters)
     return LLMEngine(model, tokenizer, store, model_id=model_id, limits=limits)
 
 

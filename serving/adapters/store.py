@@ -130,6 +130,14 @@ class AdapterStore:
             if name not in self._host:  # unloaded while in use
                 self._evict(name)
 
+    def warm(self, names: Iterable[str], timeout: float = 60.0) -> None:
+        """Bring adapters onto the device now (start-up), so their first requests do not wait for a load."""
+        for name in list(names)[: self.num_slots]:
+            if self.acquire(name) is None:
+                self.wait_loaded(name, timeout)
+            else:
+                self.release(name)
+
     def wait_loaded(self, name: str, timeout: float = 30.0) -> None:
         """Block until a pending device load finishes (tests and warm-up)."""
         with self._lock:

@@ -191,3 +191,13 @@ def test_slot_layer_on_an_8bit_base_uses_the_scaled_call() -> None:
     assert layer.banks["flora_in"].dtype == torch.float16
     torch.testing.assert_close(got[0], expected, atol=2e-2, rtol=0)  # adapters held in fp16 on int8 bases
     torch.testing.assert_close(got[1], q(x[1]), atol=1e-5, rtol=0)
+
+
+def test_warm_puts_startup_adapters_on_the_device(adapters) -> None:
+    base, root = adapters
+    store = make_store(base, [root], num_slots=2)
+    for name in ("flora1", "lora", "ia3"):
+        store.register(name, root / name)
+    store.warm(["flora1", "lora", "ia3"])  # more than the slots: the first two
+    assert set(store.resident()) == {"flora1", "lora"} and store._pins == {}
+    store.close()

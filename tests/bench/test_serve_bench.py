@@ -1,0 +1,67 @@
+"""The serving benchmark runs end to end against real flora-serve processes on a tiny model (no timing asserts)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.serving.tiny_serving import tiny_causal_lm, tiny_tokenizer
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "serve.py"
+
+
+@pytest.fixture(scope="module")
+def serve_bench():
+    """bench/ is a folder of scripts, not a package: load the script by path."""
+    spec = importlib.util.spec_from_file_location("bench_serve", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_causal_lm().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_serve_bench_end_to_end(serve_bench, tiny_model_dir, tmp_path):
+    out = tmp_path / "results"
+    argv = [
+        "--model-id", str(tiny_model_dir), "--device", "cpu",
+        "--many-adapters", "3", "--few-adapters", "2",
+        "--num-requests", "4", "--rates", "inf", "--repeats", "1", "--warmup-requests", "2",
+        "--prompt-mean", "12", "--prompt-min", "4", "--prompt-max", "24",
+        "--output-mean", "6", "--output-min", "2", "--output-max", "8",
+        "--startup-timeout", "120", "--request-timeout", "60", "--out", str(out),
+    ]  # fmt: skip
+    assert serve_bench.main(argv) == 0
+
+    (json_path,) = out.glob("serve_*.json")
+    result = json.loads(json_path.read_text())
+    expected = ["none", "flora-r1-x2", "flora-r1-x3", "flora-r4-x3", "lora-r1-x3", "lora-r8-x3"]
+    assert [s["name"] for s in result["settings"]["scenarios"]] == expected
+    for name in expected:
+        row = result["aggregate"][name]["inf"]
+        assert row["throughput_tok_s"] > 0, name
+        assert row["errors"] == 0, name
+        assert row["s_per_token_p50"] > 0, name
+    runs = {r["scenario"]: r for r in result["runs"]}
+    assert set(runs) == set(expected)
+    adapters = [q["adapter"] for q in runs["flora-r1-x3"]["requests"]]
+    assert len(set(adapters)) == 3 and all(a.startswith("flora-r1-") for a in adapters)  # round-robin, distinct
+    assert all(q["adapter"] is None for q in runs["none"]["requests"])
+    assert all(q["output_tokens"] >= 1 for r in result["runs"] for q in r["requests"])
+    assert result["verdict"]["status"] in ("PASS", "FAIL")
+    assert result["environment"]["torch"] and result["command"]
+    for png in ("throughput_vs_rank", "latency_vs_rate"):
+        (path,) = out.glob(f"serve_*_{png}.png")
+        assert path.stat().st_size > 0
