@@ -1,0 +1,283 @@
+"""A tiny StarCoder-shaped code model, pretrained in minutes on local source files and cached on disk.
+
+Development machines have no hub access, so demos, tests and the server demo need a foundation model they can make
+themselves: a byte-level BPE tokenizer and a small ``GPTBigCodeForCausalLM`` (multi-query attention, as StarCoder)
+trained on every language of the corpus. The cache is keyed by the model spec and the corpus split, so a model is
+never evaluated on text it was trained on, and a second call loads in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import trainers as bpe_trainers
+from tqdm.auto import tqdm
+from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM, PreTrainedTokenizerFast, set_seed
+
+from .code_corpus import LanguageCorpus, corpus_fingerprint, find_code_corpus, pack_blocks
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<pad>"
+INFO_FILE = "build_info.json"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class TinyCodeModelSpec:
+    """Everything that determines the cached model; changing any field rebuilds it."""
+
+    vocab_size: int = 4096
+    n_layer: int = 3
+    n_embd: int = 128
+    n_head: int = 4
+    block_size: int = 256
+    pretrain_steps: int = 400
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+@dataclass
+class CorpusInfo:
+    """What the cached model was built from; ``from_cache`` tells callers (and tests) whether it was retrained."""
+
+    languages: list[str]
+    fingerprint: str
+    stats: dict[str, dict[str, int]]
+    spec: dict[str, Any]
+    pretrain_loss: list[float] = field(default_factory=list)
+    build_seconds: float = 0.0
+    from_cache: bool = False
+
+
+def default_cache_dir() -> Path:
+    """``$FLORA_HF_CACHE/tiny-code-model``, else ``<repo>/.cache/flora-hf/tiny-code-model`` (gitignored)."""
+    root = os.environ.get("FLORA_HF_CACHE")
+    base = Path(root).expanduser() if root else REPO_ROOT / ".cache" / "flora-hf"
+    return base / "tiny-code-model"
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+def train_tokenizer(texts: list[str], vocab_size: int, block_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE as StarCoder's: any byte sequence round-trips, so no file is ever unknown."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = bpe_trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        padding_side="left",  # generation appends on the right
+        model_max_length=block_size,
+    )
+
+
+def language_blocks(
+    corpus: Mapping[str, LanguageCorpus], tokenizer: PreTrainedTokenizerFast, block_size: int, split: str = "train"
+) -> dict[str, torch.Tensor]:
+    """Each language's ``split`` tokenized and packed into ``(n, block_size)`` rows, files separated by EOS."""
+    blocks = {}
+    for lang, lc in corpus.items():
+        texts = lc.train_texts if split == "train" else lc.heldout_texts
+        # the backend tokenizer skips transformers' per-call checks (and its max-length warning for whole files)
+        ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+        blocks[lang] = pack_blocks(ids, block_size, tokenizer.eos_token_id)
+    return blocks
+
+
+# -------------------------------------------------------------------------------------------------------- model
+def make_model(spec: TinyCodeModelSpec, tokenizer: PreTrainedTokenizerFast) -> GPTBigCodeForCausalLM:
+    config = GPTBigCodeConfig(
+        vocab_size=len(tokenizer),
+        n_positions=spec.block_size,
+        n_embd=spec.n_embd,
+        n_layer=spec.n_layer,
+        n_head=spec.n_head,
+        n_inner=4 * spec.n_embd,
+        multi_query=True,
+        # no dropout: a few hundred steps cannot overfit, and dropout would slow learning down
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPTBigCodeForCausalLM(config)
+
+
+def mixed_batch(
+    blocks: Mapping[str, torch.Tensor], batch_size: int, step: int, generator: torch.Generator
+) -> tuple[torch.Tensor, list[str]]:
+    """``batch_size`` random blocks spread evenly over the languages (the remainder rotates with ``step``), and
+    the language of each row, so every language gets the same share of training."""
+    langs = list(blocks)
+    rows, names = [], []
+    for i in range(batch_size):
+        lang = langs[(i + step) % len(langs)]
+        k = int(torch.randint(len(blocks[lang]), (1,), generator=generator))
+        rows.append(blocks[lang][k])
+        names.append(lang)
+    return torch.stack(rows), names
+
+
+class StepProgress:
+    """A tqdm bar on a terminal; in logs (CI, redirected output) one line per tenth of the run instead of a bar."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+        self.total, self.desc, self.step = total, desc, 0
+        self.tty = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        self.bar = tqdm(total=total, desc=desc, leave=False) if self.tty else None
+
+    def update(self, loss: float) -> None:
+        self.step += 1
+        if self.bar is not None:
+            self.bar.update()
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        elif self.enabled and (self.step % max(1, self.total // 10) == 0 or self.step == self.total):
+            print(f"{self.desc}: step {self.step}/{self.total} loss {loss:.3f}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def pretrain(
+    model: GPTBigCodeForCausalLM, blocks: Mapping[str, torch.Tensor], spec: TinyCodeModelSpec, progress: bool = True
+) -> list[float]:
+    """Plain AdamW loop on language-balanced batches; returns the loss every step."""
+    generator = torch.Generator().manual_seed(spec.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(spec.warmup_steps, spec.pretrain_steps))
+    model.train()
+    losses: list[float] = []
+    bar = StepProgress(spec.pretrain_steps, "pretrain tiny code model", progress)
+    for step in range(spec.pretrain_steps):
+        input_ids, _ = mixed_batch(blocks, spec.batch_size, step, generator)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.update(losses[-1])
+    bar.close()
+    model.eval()
+    return losses
+
+
+# -------------------------------------------------------------------------------------------------------- cache
+def _corpus_stats(corpus: Mapping[str, LanguageCorpus]) -> dict[str, dict[str, int]]:
+    return {
+        lang: {
+            "train_files": len(lc.train),
+            "heldout_files": len(lc.heldout),
+            "train_bytes": lc.train_bytes,
+            "heldout_bytes": lc.heldout_bytes,
+        }
+        for lang, lc in corpus.items()
+    }
+
+
+def _read_info(cache_dir: Path) -> Optional[CorpusInfo]:
+    try:
+        return CorpusInfo(**json.loads((cache_dir / INFO_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def build_tiny_code_model(
+    corpus: Mapping[str, LanguageCorpus], spec: TinyCodeModelSpec, cache_dir: Path, progress: bool = True
+) -> tuple[GPTBigCodeForCausalLM, PreTrainedTokenizerFast, CorpusInfo]:
+    """Train tokenizer and model, then move the finished folder into place, so a crash never leaves a cache that
+    looks complete."""
+    start = time.perf_counter()
+    set_seed(spec.seed)
+    texts = [t for lc in corpus.values() for t in lc.train_texts]
+    tokenizer = train_tokenizer(texts, spec.vocab_size, spec.block_size)
+    blocks = language_blocks(corpus, tokenizer, spec.block_size)
+    empty = [lang for lang, b in blocks.items() if len(b) == 0]
+    if empty:
+        raise ValueError(f"too little training text for one block of {spec.block_size} tokens: {empty}")
+    model = make_model(spec, tokenizer)
+    losses = pretrain(model, blocks, spec, progress)
+    info = CorpusInfo(
+        languages=list(corpus),
+        fingerprint=corpus_fingerprint(corpus),
+        stats=_corpus_stats(corpus),
+        spec=asdict(spec),
+        pretrain_loss=[round(x, 4) for x in losses],
+        build_seconds=round(time.perf_counter() - start, 2),
+    )
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = cache_dir.with_name(f".{cache_dir.name}.building-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / INFO_FILE).write_text(json.dumps(asdict(info), indent=1))
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    os.replace(staging, cache_dir)
+    return model, tokenizer, info
+
+
+def load_or_build_tiny_code_model(
+    cache_dir: Union[str, Path, None] = None,
+    spec: Optional[TinyCodeModelSpec] = None,
+    corpus: Optional[Mapping[str, LanguageCorpus]] = None,
+    rebuild: bool = False,
+    progress: bool = True,
+) -> tuple[GPTBigCodeForCausalLM, PreTrainedTokenizerFast, CorpusInfo]:
+    """The cached model if it was built from this spec and this corpus split, else a freshly built one.
+
+    ``corpus`` defaults to :func:`find_code_corpus` with its defaults; pass the one you evaluate on so that its
+    held-out files are guaranteed to be outside pretraining. The returned ``CorpusInfo.from_cache`` says which
+    happened. The model is returned in eval mode.
+    """
+    spec = spec or TinyCodeModelSpec()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if corpus is None:
+        corpus = find_code_corpus(seed=spec.seed)
+    if not corpus:
+        raise ValueError("the corpus has no language with enough source text")
+    info = None if rebuild else _read_info(cache_dir)
+    if info is not None and info.spec == asdict(spec) and info.fingerprint == corpus_fingerprint(corpus):
+        model = GPTBigCodeForCausalLM.from_pretrained(cache_dir)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(cache_dir)
+        model.eval()
+        info.from_cache = True
+        return model, tokenizer, info
+    return build_tiny_code_model(corpus, spec, cache_dir, progress)
