@@ -61,3 +61,62 @@ docker:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache bench/results
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training recipes and evaluators (configs/*.yaml; flora-train / flora-eval do the work, `--help` lists everything).
+#   make train-starcoder LANG=perl METHOD=lora      make train-starcoder LANGS=perl,ruby,lua
+#   make train-whisper LANG=mr DATA=path/to/cv-corpus/mr DEEPSPEED=configs/ds_zero2.json
+#   make eval-starcoder LANG=perl ADAPTER=out/starcoder-perl      make eval-whisper LANG=mr ADAPTER=out/whisper-mr
+# Variables (empty = the recipe's value):
+#   LANG        one language (default perl for StarCoder, mr for Whisper); only a LANG on the command line counts,
+#               since make also sees your locale's LANG
+#   LANGS       comma-separated languages: one run, one FLoRA adapter per language, mixed batches
+#   METHOD      flora | lora | ia3 (default flora)
+#   MODEL       hub id or local folder (default bigcode/starcoderbase-3b, openai/whisper-large: the paper's)
+#   DATA        code: folder of sources (or one sub-folder per language); speech: Common Voice folder
+#               (default: The Stack / Common Voice from the hub)
+#   DEEPSPEED   DeepSpeed JSON, e.g. configs/ds_zero2.json or configs/ds_zero3.json (default: none)
+#   MAX_STEPS   default 1500 (StarCoder), 5000 (Whisper); BATCH_SIZE default 8 / 6
+#   RANK        default 1 (4 for Lua, Racket, Marathi); LR default per method (StarCoder 8e-3 / 1e-4 / 5e-3,
+#               Whisper 6e-3 / 2e-4 / 4e-3)
+#   OUTPUT_DIR  default out/<recipe>-<languages>[-<method>]; RESUME=latest (or a checkpoint folder) resumes
+#   RECIPE      another recipe for the same target, e.g. RECIPE=tiny-code (offline, CPU)
+#   ADAPTER     eval: adapter or run folder (default: the train target's OUTPUT_DIR default)
+#   PROBLEMS    eval-starcoder: MultiPL-E jsonl (default: nuprl/MultiPL-E from the hub); SERVER: a flora-serve URL;
+#               N_SAMPLES (default 100), LIMIT (first N problems or clips), SPLIT (eval-whisper, default test)
+# Full-scale recipes stop at once, saying why, on a machine without a GPU, or without the hub for hub data/models.
+.PHONY: train-starcoder train-whisper eval-starcoder eval-whisper reproduce-small
+
+comma := ,
+CLI_LANG = $(if $(filter command line,$(origin LANG)),$(LANG))
+RUN_LANGS = $(or $(LANGS),$(CLI_LANG),$(1))
+RUN_NAME = $(subst $(comma),-,$(call RUN_LANGS,$(1)))$(if $(filter-out flora,$(METHOD)),-$(METHOD))
+TRAIN_ARGS = $(if $(LANGS),--langs $(LANGS),--lang $(or $(CLI_LANG),$(1))) $(if $(METHOD),--method $(METHOD)) \
+	$(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(DEEPSPEED),--deepspeed $(DEEPSPEED)) \
+	$(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(OUTPUT_DIR),--output-dir $(OUTPUT_DIR)) \
+	$(if $(RANK),--rank $(RANK)) $(if $(LR),--lr $(LR)) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
+	$(if $(RESUME),--resume $(RESUME))
+EVAL_ARGS = --lang $(call RUN_LANGS,$(1)) --adapter $(or $(ADAPTER),out/$(2)-$(call RUN_NAME,$(1))) \
+	$(if $(MODEL),--model $(MODEL)) $(if $(LIMIT),--limit $(LIMIT))
+# the child gets a real locale back (make exports a command-line LANG=perl to recipes)
+RUN_ENV = LANG=C.UTF-8
+
+METHOD ?= flora
+
+train-starcoder: setup
+	$(RUN_ENV) $(VENV)/bin/flora-train --recipe $(or $(RECIPE),starcoder) $(call TRAIN_ARGS,perl)
+
+train-whisper: setup
+	$(RUN_ENV) $(VENV)/bin/flora-train --recipe $(or $(RECIPE),whisper) $(call TRAIN_ARGS,mr)
+
+eval-starcoder: setup
+	$(RUN_ENV) $(VENV)/bin/flora-eval --task code $(call EVAL_ARGS,perl,$(or $(RECIPE),starcoder)) \
+		$(if $(PROBLEMS),--problems $(PROBLEMS)) $(if $(SERVER),--server $(SERVER)) \
+		$(if $(N_SAMPLES),--n-samples $(N_SAMPLES))
+
+eval-whisper: setup
+	$(RUN_ENV) $(VENV)/bin/flora-eval --task speech $(call EVAL_ARGS,mr,$(or $(RECIPE),whisper)) \
+		$(if $(DATA),--data $(DATA)) $(if $(SPLIT),--split $(SPLIT)) --compare-base
+
+reproduce-small: setup
+	$(RUN_ENV) $(PY) -m trainers.reproduce_small

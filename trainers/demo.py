@@ -4,7 +4,7 @@ Every batch mixes languages and routes each row to its own language's adapter (`
 optimizer step trains every adapter; evaluation and generation are mixed batches too. Runs offline in minutes on two
 CPU cores: the base model is pretrained on local source files (and cached) by :mod:`trainers.tiny_code_model`.
 
-    python -m trainers.demo [--steps 150] [--lr 1e-2] [--source rust=~/src/rust ...]
+    python -m trainers.demo [--steps 150] [--lr 5e-2] [--languages python,perl,c] [--source rust=~/src/rust ...]
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from transformers.utils import logging as hf_logging
 import flora_hf
 from flora_hf import BASE_ADAPTER_NAME, FLoRAConfig
 
-from .code_corpus import LanguageCorpus, find_code_corpus
+from .code_corpus import DEFAULT_LANGUAGE_ORDER, LanguageCorpus, find_code_corpus
 from .tiny_code_model import (
     REPO_ROOT,
     StepProgress,
@@ -43,24 +44,26 @@ from .tiny_code_model import (
 )
 
 PROMPTS = {
-    "python": 'def read_config(path):\n    """Read the configuration file at path."""\n',
-    "perl": "sub new {\n    my ($class, %args) = @_;\n",
-    "c": "#include <stddef.h>\n\nstatic inline size_t\n",
-    "shell": "#!/bin/sh\nset -e\n\nusage() {\n",
+    "python": "class Config:\n    def __init__(self, path):\n        self.",
+    "perl": "sub new {\n    my ($class, %args) = @_;\n    my $self = ",
+    "c": "#ifndef _FOO_H\n#define _FOO_H\n\n#include <",
+    "shell": '#!/bin/sh\nset -e\n\nif [ -z "$1" ]; then\n    echo "usage: ',
 }
-"""A recognisable opening per built-in language; other languages start from their first held-out file."""
+"""A recognisable opening per built-in language, cut mid-line (after a newline a model this small mostly emits more
+newlines); other languages start from their first held-out file."""
 
 
 @dataclass(frozen=True)
 class AdapterRecipe:
-    """FLoRA per language. The paper's rate for code is 8e-3; on a model this small a bit more converges faster."""
+    """FLoRA per language, r=1 on every linear layer of the blocks. The paper's rate for StarCoder is 8e-3; this
+    tiny model gains most at 3e-2 to 6e-2 (150 steps; higher rank did not help here)."""
 
     rank: int = 1
     init_noise_std: float = 1e-2
     target_modules: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
     steps: int = 150
     rows_per_language: int = 8
-    lr: float = 1e-2
+    lr: float = 5e-2
     warmup_steps: int = 10
     seed: int = 0
 
@@ -146,14 +149,22 @@ def generate_mixed(
     prompts: Sequence[str],
     adapter_names: Sequence[str],
     max_new_tokens: int = 40,
+    repetition_penalty: float = 1.2,
+    no_repeat_ngram_size: int = 4,
 ) -> list[str]:
-    """Greedy completions of all prompts in a single ``generate`` call, prompt ``i`` through ``adapter_names[i]``."""
+    """Greedy completions of all prompts in a single ``generate`` call, prompt ``i`` through ``adapter_names[i]``.
+
+    Still deterministic argmax decoding, but with repeats discouraged: plain greedy on a model this small loops on
+    one token within a few steps.
+    """
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True)  # left padding (set by the tokenizer)
     out = peft_model.generate(
         **enc,
         adapter_names=list(adapter_names),
         max_new_tokens=max_new_tokens,
         do_sample=False,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
         pad_token_id=tokenizer.pad_token_id,
     )
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -162,7 +173,7 @@ def generate_mixed(
 def prompt_for(lang: str, corpus: LanguageCorpus) -> str:
     if lang in PROMPTS:
         return PROMPTS[lang]
-    return "".join(corpus.heldout[0].text.splitlines(keepends=True)[:3])
+    return corpus.heldout[0].text[:100]
 
 
 # ----------------------------------------------------------------------------------------------------- output
@@ -233,17 +244,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     console = Console()
     hf_logging.disable_progress_bar()
+    # PEFT calls a transformers method that transformers 5 deprecates; nothing the user can act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     set_seed(args.seed)
     times: dict[str, float] = {}
     total_start = time.perf_counter()
 
+    sources = parse_sources(args.source)
+    if args.languages:
+        languages = args.languages.split(",")
+    else:  # the user's folders first, then what the machine has
+        languages = [*sources, *(lang for lang in DEFAULT_LANGUAGE_ORDER if lang not in sources)]
     with phase("find source files", times, console):
-        corpus = find_code_corpus(
-            languages=args.languages.split(",") if args.languages else None,
-            source_dirs=parse_sources(args.source) or None,
-            max_languages=args.max_languages,
-            seed=args.seed,
-        )
+        corpus = find_code_corpus(languages, sources, max_languages=args.max_languages, seed=args.seed)
     if len(corpus) < 2:
         raise SystemExit(f"need at least two languages with enough source text, found {list(corpus)}")
     languages = list(corpus)
@@ -272,19 +285,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         f"{n_train:,} trainable parameters in all"
     )
     with phase("train adapters", times, console):
-        losses = train_adapters_mixed(peft_model, train_blocks, recipe)
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    console.log(f"mixed-batch loss {first:.3f} -> {last:.3f} over {recipe.steps} steps")
+        train_adapters_mixed(peft_model, train_blocks, recipe)
 
     with phase("held-out evaluation", times, console):
         ppl = heldout_perplexity(peft_model, heldout_blocks, [BASE_ADAPTER_NAME, *languages])
     console.print(perplexity_table(ppl, languages))
+    best_own = sum(min(row, key=row.get) == lang for lang, row in ppl.items())
+    console.log(f"a language's own adapter gives the lowest perplexity on {best_own} of {len(ppl)} languages")
 
     with phase("mixed-batch generation", times, console):
         prompts = [prompt_for(lang, corpus[lang]) for lang in languages]
         names = [*languages, *([BASE_ADAPTER_NAME] * len(languages))]
         completions = generate_mixed(peft_model, tokenizer, prompts * 2, names, args.max_new_tokens)
-    console.rule(f"one generate call, {len(names)} rows, greedy: each prompt with its adapter, then with none")
+    console.rule(f"one generate call, {len(names)} rows (greedy): each prompt with its adapter, then with none")
     for prompt, name, text in zip(prompts * 2, names, completions):
         console.print(completion_panel(prompt, text, name))
 

@@ -250,7 +250,10 @@ def build_tiny_code_model(
     tokenizer.save_pretrained(staging)
     (staging / INFO_FILE).write_text(json.dumps(asdict(info), indent=1))
     shutil.rmtree(cache_dir, ignore_errors=True)
-    os.replace(staging, cache_dir)
+    try:
+        os.replace(staging, cache_dir)
+    except OSError:  # another process finished the same build first; its folder is as good as ours
+        shutil.rmtree(staging, ignore_errors=True)
     return model, tokenizer, info
 
 

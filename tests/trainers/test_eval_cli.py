@@ -1,0 +1,67 @@
+"""flora-eval on tiny trained runs: WER JSON for speech, pass@k JSON for code, adapter folder resolution, and a
+clear error when the base model cannot be had."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainers.eval_cli import main, resolve_adapters
+from trainers.recipe import RecipeError
+
+from .evaluation.helpers import PY_PROBLEM
+from .recipe_fixtures import trained_run
+
+
+def test_speech_eval_writes_wer_for_adapter_and_base(tmp_path_factory, tmp_path: Path, capsys) -> None:
+    run = trained_run(tmp_path_factory, "speech")
+    out = tmp_path / "wer.json"
+    assert main(["--task", "speech", "--lang", "mr", "--adapter", str(run), "--compare-base", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["split"] == "test"
+    for which in ("adapter", "base"):
+        entry = report["languages"]["mr"][which]
+        assert entry["utterances"] == 2 and entry["wer"] >= 0 and entry["normalized_wer"] >= 0
+        assert entry["cer"] >= 0 and len(entry["utterances_detail"]) == 2
+        assert all(d["reference"] for d in entry["utterances_detail"])  # references decoded from labels
+    assert "mr adapter: WER" in capsys.readouterr().out
+
+
+def test_code_eval_runs_the_programs(tmp_path_factory, tmp_path: Path) -> None:
+    run = trained_run(tmp_path_factory, "code")
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps(PY_PROBLEM.to_dict()) + "\n")
+    out = tmp_path / "passk.json"
+    argv = ["--task", "code", "--lang", "python", "--adapter", f"python={run / 'alpha'}", "--problems", str(problems)]
+    argv += ["--n-samples", "2", "--temperature", "0", "--max-new-tokens", "6", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["generation"]["n_samples"] == 2 and "py" in report["languages"]
+    assert report["languages"]["py"]["pass@1"] is not None  # judged (a tiny model's code fails, but it ran)
+    assert out.with_name(out.name + ".completions.jsonl").is_file()
+
+
+def test_resolve_adapters(tmp_path: Path) -> None:
+    for lang in ("perl", "lua"):
+        (tmp_path / "run" / lang).mkdir(parents=True)
+        (tmp_path / "run" / lang / "adapter_config.json").write_text("{}")
+    run = tmp_path / "run"
+    assert resolve_adapters(str(run), ["perl", "lua"]) == {"perl": run / "perl", "lua": run / "lua"}
+    assert resolve_adapters(str(run / "perl"), ["perl"]) == {"perl": run / "perl"}
+    assert resolve_adapters(f"lua={run / 'lua'}", ["lua"]) == {"lua": run / "lua"}
+    assert resolve_adapters(None, ["perl"]) == {}
+    with pytest.raises(RecipeError, match="does not exist"):
+        resolve_adapters(str(tmp_path / "nope"), ["perl"])
+    with pytest.raises(RecipeError, match="neither a PEFT adapter folder"):
+        resolve_adapters(str(run), ["ruby"])
+
+
+def test_missing_model_fails_fast(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps(PY_PROBLEM.to_dict()) + "\n")
+    argv = ["--task", "code", "--lang", "python", "--model", "bigcode/starcoderbase-3b", "--problems", str(problems)]
+    assert main(argv) == 2
+    assert "MODEL=path/to/folder" in capsys.readouterr().err

@@ -1,0 +1,43 @@
+"""reproduce-small: the verdict on the paper's ordering, the report files, and one tiny pass over every method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainers.reproduce_small import Report, Row, markdown, run_task, verdict, verdicts_for, write
+
+from .recipe_fixtures import code_assets, code_overrides
+
+
+def test_verdict_on_the_papers_ordering() -> None:
+    assert verdict("code", "perl", "loss", {"flora": 1.00, "lora": 1.01, "ia3": 1.2}).holds
+    worse = verdict("code", "perl", "loss", {"flora": 1.3, "lora": 1.0, "ia3": 1.2})
+    assert not worse.holds and "LoRA better than FLoRA" in worse.note and "IA3" in worse.note
+    ia3_best = verdict("speech", "mr", "wer", {"flora": 0.5, "lora": 0.5, "ia3": 0.4})
+    assert ia3_best.flora_matches_lora and not ia3_best.both_beat_ia3 and not ia3_best.holds
+
+
+def test_report_files(tmp_path: Path) -> None:
+    rows = [Row("speech", "mr", "base", 3.0, wer=1.0, cer=0.8)]
+    rows += [
+        Row("speech", "mr", m, x, wer=w, cer=0.5, steps=5)
+        for m, x, w in [("flora", 2.0, 0.6), ("lora", 2.01, 0.61), ("ia3", 2.5, 0.7)]
+    ]
+    report = Report(rows=rows, verdicts=verdicts_for(rows))
+    assert [v.metric for v in report.verdicts] == ["loss", "wer", "cer"]
+    write(report, tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["rows"]) == 4 and data["verdicts"][0]["holds"] is True
+    text = (tmp_path / "results.md").read_text()
+    assert "| speech | mr | flora | 2.0000 | 60.0 |" in text and "holds in 2 of 3 comparisons" in text
+    assert text == markdown(report)
+
+
+def test_every_method_runs_with_the_same_budget(tmp_path_factory, tmp_path: Path) -> None:
+    extra = code_overrides(code_assets(tmp_path_factory), tmp_path)
+    extra = {k: v for k, v in extra.items() if k not in ("LANG", "OUTPUT_DIR", "MAX_STEPS")}
+    rows = run_task("code", "tiny-code", ["alpha"], ["flora", "lora", "ia3"], 2, tmp_path, extra)
+    assert [r.method for r in rows] == ["base", "flora", "lora", "ia3"]
+    assert all(r.steps == 2 and r.loss > 0 for r in rows[1:])
+    assert rows[1].trainable_params and rows[3].trainable_params < rows[1].trainable_params  # IA3: "rank 0.5"

@@ -1,0 +1,344 @@
+"""``flora-eval``: score trained adapters as the paper does, pass@k on MultiPL-E or WER on Common Voice.
+
+    flora-eval --task code --lang perl --adapter out/starcoder-perl              # local model, 100 samples, T=0.1
+    flora-eval --task code --lang perl --server http://localhost:8080            # through a running flora-serve
+    flora-eval --task speech --lang mr --adapter out/whisper-mr --data cv-corpus-17.0/mr --split test
+
+``--adapter`` is a PEFT adapter folder, a training run folder (its ``<language>/`` sub-folder is used, and its
+``recipe.yaml`` supplies the base model and data unless ``--model``/``--data`` are given), or ``lang=folder,...``.
+Without an adapter the base model is scored. Reports are JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .base_models import LoadedBase, ModelUnavailable, load_base, model_problem
+from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, split_languages
+
+DEFAULT_RECIPES = {"code": "starcoder", "speech": "whisper"}
+
+
+# -------------------------------------------------------------------------------------------------- adapters
+def is_adapter_folder(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def resolve_adapters(spec: Optional[str], languages: Sequence[str]) -> dict[str, Path]:
+    """Language -> PEFT adapter folder, from an adapter folder (one language), a run folder holding
+    ``<language>/adapter_config.json`` for each language, or ``lang=folder,...``; empty for the base model."""
+    if not spec:
+        return {}
+    if "=" in spec:
+        pairs = {k.strip(): Path(v).expanduser() for k, v in (item.split("=", 1) for item in spec.split(","))}
+        missing = [lang for lang in languages if lang not in pairs]
+        if missing:
+            raise RecipeError(f"--adapter names no folder for {missing}")
+        found = {lang: pairs[lang] for lang in languages}
+    else:
+        root = Path(spec).expanduser()
+        if not root.is_dir():
+            raise RecipeError(
+                f"adapter folder {root} does not exist (train one first: make train-starcoder or make train-whisper, or flora-train)"
+            )
+        if all(is_adapter_folder(root / lang) for lang in languages):
+            found = {lang: root / lang for lang in languages}
+        elif is_adapter_folder(root) and len(languages) == 1:
+            found = {languages[0]: root}
+        else:
+            raise RecipeError(
+                f"{root} is neither a PEFT adapter folder (adapter_config.json) nor a run folder with one per "
+                f"language ({', '.join(languages)})"
+            )
+    bad = [str(p) for p in found.values() if not is_adapter_folder(p)]
+    if bad:
+        raise RecipeError(f"not PEFT adapter folders (no adapter_config.json): {bad}")
+    return found
+
+
+def run_recipe(adapters: dict[str, Path], task: str, overrides: dict[str, Any]) -> Recipe:
+    """The recipe a run was trained with (``recipe.yaml`` beside or above its adapters), else the task's default
+    recipe; ``overrides`` (MODEL, DATA, LANGS) win. Training-only settings do not matter here."""
+    for folder in adapters.values():
+        for candidate in (folder / "recipe.yaml", folder.parent / "recipe.yaml"):
+            if candidate.is_file():
+                import yaml
+
+                values = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
+                values.update({"resume": None, "deepspeed": None, "output_dir": None})
+                recipe = recipe_from_dict(values)
+                from .recipe import apply_overrides
+
+                return apply_overrides(recipe, overrides)
+    recipe = load_recipe(DEFAULT_RECIPES[task], overrides)
+    if "MODEL" not in overrides and adapters:  # the base model the adapter names
+        config = json.loads(next(iter(adapters.values())).joinpath("adapter_config.json").read_text())
+        base = config.get("base_model_name_or_path")
+        if base:
+            from .recipe import apply_overrides
+
+            recipe = apply_overrides(recipe, {"MODEL": base})
+    return recipe
+
+
+def attach_trained_adapters(model: Any, adapters: dict[str, Path]) -> Any:
+    """The base model with each language's adapter loaded under the language's name (PEFT's loader)."""
+    if not adapters:
+        return model
+    from peft import PeftModel
+
+    import flora_hf  # noqa: F401  (registers FLoRA with PEFT)
+
+    items = list(adapters.items())
+    peft_model = PeftModel.from_pretrained(model, str(items[0][1]), adapter_name=items[0][0])
+    for name, path in items[1:]:
+        peft_model.load_adapter(str(path), adapter_name=name)
+    peft_model.eval()
+    return peft_model
+
+
+def load_for_eval(recipe: Recipe, adapters: dict[str, Path]) -> tuple[LoadedBase, Any]:
+    base = load_base(recipe, progress=False)
+    base.model.config.use_cache = True
+    if torch.cuda.is_available() and not base.quantized:
+        base.model = base.model.to("cuda")
+    return base, attach_trained_adapters(base.model, adapters)
+
+
+# ----------------------------------------------------------------------------------------------------- speech
+@torch.no_grad()
+def transcribe(
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    language: str,
+    task: str = "transcribe",
+    adapter: Optional[str] = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 225,
+    num_beams: int = 1,
+) -> tuple[list[str], list[str]]:
+    """(references, hypotheses) for every example of a :class:`WhisperSpeechDataset`. The language and task go to
+    ``generate`` (transformers' current way, not forced decoder ids); the reference is the example's own label
+    text, so a clip skipped while decoding can never misalign the pairs. ``adapter`` None: the base model."""
+    from .data.speech import whisper_language
+
+    code = whisper_language(language)
+    device = next(model.parameters()).device
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    is_peft = hasattr(model, "disable_adapter") and hasattr(model, "set_adapter")
+    if is_peft and adapter is not None:
+        model.set_adapter(adapter)
+    refs: list[str] = []
+    hyps: list[str] = []
+    model.eval()
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        features = torch.stack([torch.as_tensor(it["input_features"]) for it in items]).to(device, dtype)
+        kwargs = dict(input_features=features, language=code, task=task, max_new_tokens=max_new_tokens)
+        kwargs["num_beams"] = num_beams
+        if is_peft and adapter is None:
+            with model.disable_adapter():
+                out = model.generate(**kwargs)
+        else:
+            out = model.generate(**kwargs)
+        hyps += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+        labels = [[int(x) for x in it["labels"] if int(x) >= 0] for it in items]
+        refs += [t.strip() for t in tokenizer.batch_decode(labels, skip_special_tokens=True)]
+    return refs, hyps
+
+
+def character_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus CER (jiwer): finer than WER where every word is wrong, as on tiny models."""
+    import jiwer
+
+    pairs = [(r, h) for r, h in zip(references, hypotheses) if r]
+    if not pairs:
+        return 0.0
+    return float(jiwer.cer([r for r, _ in pairs], [h or " " for _, h in pairs]))
+
+
+def evaluate_speech(
+    model: Any,
+    base: LoadedBase,
+    recipe: Recipe,
+    language: str,
+    split: str,
+    adapter: Optional[str],
+    batch_size: int = 8,
+    max_examples: Optional[int] = None,
+    num_beams: int = 1,
+) -> dict[str, Any]:
+    """WER (unnormalized, as the paper, and Whisper-normalized) and CER of one language's split."""
+    from .evaluation import corpus_wer
+    from .recipe_data import speech_split
+
+    source = recipe.data_sources()[language]
+    dataset = speech_split(recipe, base, language, source, split, max_examples)
+    start = time.perf_counter()
+    refs, hyps = transcribe(
+        model,
+        base.tokenizer,
+        dataset,
+        language,
+        recipe.whisper_task,
+        adapter,
+        batch_size,
+        recipe.generation_max_length,
+        num_beams,
+    )
+    result = corpus_wer(refs, hyps, language=language)
+    return {
+        "language": language,
+        "split": split,
+        "adapter": adapter,
+        **result.to_dict(),
+        "cer": character_error_rate(refs, hyps),
+        "clips": str(dataset.stats),
+        "seconds": round(time.perf_counter() - start, 2),
+        "utterances_detail": [{"reference": r, "hypothesis": h} for r, h in zip(refs, hyps)],
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="flora-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--task", required=True, choices=["code", "speech"])
+    p.add_argument("--lang", required=True, help="language(s), comma-separated (LANG / LANGS)")
+    p.add_argument("--adapter", help="adapter folder, run folder, or lang=folder,... (none: the base model)")
+    p.add_argument("--model", help="base model: hub id or folder (default: the run's recipe or the adapter's config)")
+    p.add_argument("--data", help="speech: Common Voice folder or hub id (default: the run's recipe)")
+    p.add_argument("--split", default=None, help="speech split (default: the recipe's test split)")
+    p.add_argument("--problems", help="code: MultiPL-E jsonl (default: nuprl/MultiPL-E humaneval from the hub)")
+    p.add_argument("--server", help="code: URL of a running flora-serve / TGI instead of a local model")
+    p.add_argument("--adapter-id", help="code with --server: the adapter's name on the server (default: the language)")
+    p.add_argument("--n-samples", type=int, default=None, help="code: samples per problem (default 100, the paper)")
+    p.add_argument("--temperature", type=float, default=None, help="code: sampling temperature (default 0.1)")
+    p.add_argument("--k", default="1", help="code: comma-separated k for pass@k")
+    p.add_argument("--limit", type=int, help="code: first N problems; speech: first N clips")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-beams", type=int, default=1, help="speech: beam search width")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare-base", action="store_true", help="also score the base model (no adapter)")
+    p.add_argument("--out", help="JSON report path (default: <adapter run folder>/eval-<task>-<langs>.json)")
+    return p.parse_args(argv)
+
+
+def default_out(args: argparse.Namespace, adapters: dict[str, Path], languages: Sequence[str]) -> Path:
+    if args.out:
+        return Path(args.out)
+    folder = next(iter(adapters.values())).parent if adapters else Path("out")
+    return folder / f"eval-{args.task}-{'-'.join(languages)}.json"
+
+
+def run_code(args: argparse.Namespace, languages: list[str], adapters: dict[str, Path], out: Path) -> dict[str, Any]:
+    from .evaluation import DEFAULT_N_SAMPLES, DEFAULT_TEMPERATURE, load_problems, run_passk_eval
+
+    problems = load_problems(args.problems) if args.problems else []
+    if not args.problems:
+        for lang in languages:
+            problems += load_problems(lang, limit=args.limit)
+    elif args.limit is not None:
+        problems = problems[: args.limit]
+    settings = dict(
+        n_samples=args.n_samples or DEFAULT_N_SAMPLES,
+        temperature=DEFAULT_TEMPERATURE if args.temperature is None else args.temperature,
+        out_json=out,
+        ks=[int(k) for k in args.k.split(",")],
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=True,
+    )
+    if args.server:
+        names = split_languages(args.adapter_id) if args.adapter_id else languages
+        if len(names) != len(languages):
+            raise RecipeError("--adapter-id needs one name per language")
+        mapping = dict(zip(languages, names)) if (args.adapter_id or adapters) else None
+        return run_passk_eval(args.server, problems, adapter=mapping, **settings)
+    recipe = run_recipe(adapters, "code", {"MODEL": args.model, "LANGS": ",".join(languages)})
+    problem = model_problem(recipe.model)
+    if problem is not None:
+        raise ModelUnavailable(problem)
+    base, model = load_for_eval(recipe, adapters)
+    mapping = {lang: (lang if lang in adapters else "__base__") for lang in languages}
+    return run_passk_eval(model, problems, adapter=mapping, tokenizer=base.tokenizer, **settings)
+
+
+def run_speech(args: argparse.Namespace, languages: list[str], adapters: dict[str, Path], out: Path) -> dict[str, Any]:
+    overrides = {"MODEL": args.model, "DATA": args.data, "LANGS": ",".join(languages)}
+    recipe = run_recipe(adapters, "speech", overrides)
+    problem = model_problem(recipe.model)
+    if problem is not None:
+        raise ModelUnavailable(problem)
+    base, model = load_for_eval(recipe, adapters)
+    split = args.split or recipe.test_split
+    report: dict[str, Any] = {"task": "speech", "model": recipe.model, "split": split, "languages": {}}
+    for lang in languages:
+        entry = {}
+        if lang in adapters:
+            entry["adapter"] = evaluate_speech(
+                model, base, recipe, lang, split, lang, args.batch_size, args.limit, args.num_beams
+            )
+        if args.compare_base or lang not in adapters:
+            entry["base"] = evaluate_speech(
+                model, base, recipe, lang, split, None, args.batch_size, args.limit, args.num_beams
+            )
+        report["languages"][lang] = entry
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return report
+
+
+def summary_lines(task: str, report: dict[str, Any]) -> list[str]:
+    lines = []
+    if task == "speech":
+        for lang, entry in report["languages"].items():
+            for which, res in entry.items():
+                lines.append(
+                    f"{lang} {which}: WER {100 * res['wer']:.2f} (normalized {100 * res['normalized_wer']:.2f}), "
+                    f"CER {100 * res['cer']:.2f}, {res['utterances']} utterances"
+                )
+        return lines
+    for lang, res in report.get("languages", {}).items():
+        shown = {k: v for k, v in res.items() if k.startswith("pass@")}
+        lines.append(f"{lang}: {shown or res}")
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    languages = split_languages(args.lang)
+    try:
+        adapters = resolve_adapters(args.adapter, languages)
+        out = default_out(args, adapters, languages)
+        if args.task == "code":
+            report = run_code(args, languages, adapters, out)
+        else:
+            report = run_speech(args, languages, adapters, out)
+    except (RecipeError, ModelUnavailable, FileNotFoundError) as err:
+        print(f"flora-eval: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if "hub" in str(err).lower() or "could not load" in str(err).lower():
+            print(f"flora-eval: error: {err}", file=sys.stderr)
+            return 2
+        raise
+    for line in summary_lines(args.task, report):
+        print(line)
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
