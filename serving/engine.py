@@ -39,7 +39,6 @@ class EngineLimits:
     max_concurrent_requests: int = 128
     max_batch_total_tokens: int = 16384  # prompt + new tokens summed over the running batch
     max_batch_size: Optional[int] = None
-    waiting_served_ratio: float = 1.2  # kept for TGI flag compatibility; admission is greedy here
 
 
 @dataclass
