@@ -123,3 +123,30 @@ def test_apply_overrides_keeps_the_recipe_typed() -> None:
     r = apply_overrides(load_recipe("tiny-code"), {"rank_overrides": {"Perl": 3}, "balance_languages": "yes"})
     assert r.rank_for("perl") == 3 and r.balance_languages is True
     assert "learning_rates:" in r.to_yaml()
+
+
+def test_builtin_code_data_names_unknown_languages() -> None:
+    from trainers.recipe_data import builtin_code_data
+
+    with pytest.raises(RecipeError, match="DATA=folder"):
+        builtin_code_data(("cobol",))
+
+
+def test_cached_items_computes_each_item_once() -> None:
+    from trainers.recipe_data import CachedItems
+
+    calls = []
+
+    class Counting:
+        stats = "stats"
+
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i: int) -> int:
+            calls.append(i)
+            return i * 10
+
+    cached = CachedItems(Counting())
+    assert [cached[i] for i in (0, 1, 0, 2, 1)] == [0, 10, 0, 20, 10] and calls == [0, 1, 2]
+    assert len(cached) == 3 and cached.stats == "stats"
