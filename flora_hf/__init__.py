@@ -1,6 +1,6 @@
 """flora-hf: many adapters on one foundation model, a different one for every example in a batch.
 
-Importing the package registers FLoRA with PEFT, so ``get_peft_model``, ``PeftModel.from_pretrained`` and
+Importing the package registers FLoRA and MiLoRA with PEFT, so ``get_peft_model``, ``PeftModel.from_pretrained`` and
 transformers' ``model.add_adapter(FLoRAConfig(...))`` work as for built-in methods.
 """
 
@@ -11,6 +11,7 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from .flora import FLoRAConfig, FLoRALayer, FLoRAModel  # noqa: E402
+from .milora import MiLoRAConfig, MiLoRALayer, MiLoRAModel, MiLoRARouter, routing_prompt_mask  # noqa: E402
 from .per_example import BASE_ADAPTER_NAME, AdapterBatch, adapter_batch, set_trainable_adapters  # noqa: E402
 
 __version__ = "0.1.0"
@@ -21,6 +22,11 @@ __all__ = [
     "FLoRAConfig",
     "FLoRALayer",
     "FLoRAModel",
+    "MiLoRAConfig",
+    "MiLoRALayer",
+    "MiLoRAModel",
+    "MiLoRARouter",
     "adapter_batch",
+    "routing_prompt_mask",
     "set_trainable_adapters",
 ]

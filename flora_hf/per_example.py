@@ -9,7 +9,7 @@ duration of a call, and it turns names into an index tensor once per distinct ba
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -82,6 +82,23 @@ class PerExampleAdapterLayer:
     def adapter_names_in_layer(self) -> set[str]:
         raise NotImplementedError
 
+    def _cached_bank(
+        self, key: tuple, params: list[tuple[Tensor, Tensor]], build: Callable[[], tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, Tensor]:
+        """``build()`` once per parameter version in inference; rebuilt on every call while gradients must flow."""
+        flat = [t for pair in params for t in pair]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
+            return build()
+        versions = tuple((id(t), t._version) for t in flat)
+        cache = self.__dict__.setdefault("_bank_cache", {})
+        hit = cache.get(key)
+        if hit is not None and hit[0] == versions:
+            return hit[1], hit[2]
+        with torch.no_grad():
+            bank_in, bank_out = build()
+        cache[key] = (versions, bank_in, bank_out)
+        return bank_in, bank_out
+
 
 def per_example_layers(model: nn.Module) -> list[PerExampleAdapterLayer]:
     return [m for m in model.modules() if isinstance(m, PerExampleAdapterLayer)]
@@ -143,3 +160,34 @@ def set_trainable_adapters(model: nn.Module, adapter_names: Optional[Sequence[st
         if present:
             layer.set_requires_grad(present, requires_grad=True)
     return names
+
+
+_BATCHED_INPUTS = ("input_ids", "inputs_embeds", "input_features", "input_values", "pixel_values")
+
+
+def _input_batch_size(args: Sequence[Any], kwargs: dict[str, Any]) -> Optional[int]:
+    for key in _BATCHED_INPUTS:
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0].shape[0]
+    return None
+
+
+@contextmanager
+def per_example_forward(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> Iterator[None]:
+    """The tuners' ``_enable_peft_forward_hooks``: pops ``adapter_names`` (one per example) and applies them."""
+    adapter_names = kwargs.pop("adapter_names", None)
+    if adapter_names is None:
+        yield
+        return
+    adapter_names = as_adapter_names(adapter_names)
+    batch_size = _input_batch_size(args, kwargs)
+    if batch_size is not None and len(adapter_names) != batch_size:
+        raise ValueError(
+            f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} examples; "
+            "pass one adapter name per example"
+        )
+    with adapter_batch(model, adapter_names):
+        yield

@@ -31,7 +31,6 @@ class FLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
         self.flora_out = nn.ParameterDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._bank_cache: dict[tuple, tuple[tuple, Tensor, Tensor]] = {}
         self.kwargs = kwargs
 
         base = self.get_base_layer()
@@ -115,19 +114,6 @@ class FLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
     # ------------------------------------------------------------------------------------------------- banks
     def _bank_params(self, names: tuple[str, ...]) -> list[tuple[Tensor, Tensor]]:
         return [(self.flora_in[n], self.flora_out[n]) for n in names]
-
-    def _cached_bank(self, key: tuple, params: list[tuple[Tensor, Tensor]], build) -> tuple[Tensor, Tensor]:
-        flat = [t for pair in params for t in pair]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
-            return build()
-        versions = tuple((id(t), t._version) for t in flat)
-        hit = self._bank_cache.get(key)
-        if hit is not None and hit[0] == versions:
-            return hit[1], hit[2]
-        with torch.no_grad():
-            bank_in, bank_out = build()
-        self._bank_cache[key] = (versions, bank_in, bank_out)
-        return bank_in, bank_out
 
     def _batch_bank(self, like: Tensor) -> tuple[tuple[str, ...], Tensor, Tensor]:
         """Every adapter of this layer, row 0 = identity, for per-example batches."""

@@ -2,29 +2,16 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..per_example import adapter_batch, as_adapter_names
+from ..per_example import per_example_forward
 from .bnb import is_8bit_linear
 from .config import TRANSFORMERS_MODELS_TO_FLORA_TARGET_MODULES_MAPPING, FLoRAConfig
 from .layer import FLoRALayer, Linear
-
-_BATCHED_INPUTS = ("input_ids", "inputs_embeds", "input_features", "input_values", "pixel_values")
-
-
-def _input_batch_size(args: Sequence[Any], kwargs: dict[str, Any]) -> Optional[int]:
-    for key in _BATCHED_INPUTS:
-        value = kwargs.get(key)
-        if isinstance(value, torch.Tensor):
-            return value.shape[0]
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0].shape[0]
-    return None
 
 
 class FLoRAModel(BaseTuner):
@@ -101,18 +88,7 @@ class FLoRAModel(BaseTuner):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """PEFT calls this around forward and generate: ``adapter_names`` selects an adapter per example."""
-        adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is None:
-            yield
-            return
-        adapter_names = as_adapter_names(adapter_names)
-        batch_size = _input_batch_size(args, kwargs)
-        if batch_size is not None and len(adapter_names) != batch_size:
-            raise ValueError(
-                f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} examples; "
-                "pass one adapter name per example"
-            )
-        with adapter_batch(self.model, adapter_names):
+        with per_example_forward(self.model, args, kwargs):
             yield
 
     def _check_merge_allowed(self) -> None:

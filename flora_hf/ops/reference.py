@@ -51,3 +51,50 @@ def lora_linear_reference(x: Tensor, bank_a: Tensor, bank_b: Tensor, indices: Te
 def ia3_reference(y: Tensor, bank: Tensor, indices: Tensor) -> Tensor:
     """Each row scaled by its own IA3 vector."""
     return torch.stack([row * bank[k] for row, k in zip(y, indices.tolist())])
+
+
+def rational_reference(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "paper") -> Tensor:
+    """R(x) with explicit powers (float64), the paper's formula or the safe denominator."""
+    x = x.double()
+    num = sum(a * x**j for j, a in enumerate(numerator.double()))
+    if form == "safe":
+        den = 1 + sum(b.abs() * x.abs() ** i for i, b in enumerate(denominator.double(), start=1))
+    else:
+        den = 1 + sum(b * x**i for i, b in enumerate(denominator.double(), start=1)).abs()
+    return num / den
+
+
+def pool_reference(hidden: Tensor, prompt_mask: Tensor, pooler: str, query: Optional[Tensor] = None) -> Tensor:
+    """Each row's prompt tokens selected explicitly, then pooled."""
+    rows = []
+    for h, m in zip(hidden.double(), prompt_mask.bool()):
+        tokens = h[m]
+        if pooler == "mean":
+            rows.append(tokens.mean(0))
+        elif pooler == "max":
+            rows.append(tokens.max(0).values)
+        elif pooler == "last":
+            rows.append(tokens[-1])
+        else:
+            rows.append(torch.softmax(tokens @ query.double(), 0) @ tokens)
+    return torch.stack(rows)
+
+
+def route_reference(
+    pooled: Tensor, router_weight: Tensor, numerator: Tensor, denominator: Tensor, top_k: int, form: str = "paper"
+) -> Tensor:
+    """Gates of each row computed alone: normalize, rational, linear, softmax, keep the k largest."""
+    gates = []
+    for h in pooled.double():
+        h = (h - h.mean()) / torch.sqrt(h.var(unbiased=False) + 1e-5)
+        p = torch.softmax(rational_reference(h, numerator, denominator, form) @ router_weight.double().t(), 0)
+        keep = p.argsort(descending=True)[:top_k]
+        g = torch.zeros_like(p)
+        g[keep] = p[keep]
+        gates.append(g)
+    return torch.stack(gates)
+
+
+def gated_lora_reference(x: Tensor, bank_a: Tensor, bank_b: Tensor, indices: Tensor, gate: Tensor) -> Tensor:
+    """Each row's LoRA update computed alone and scaled by its gate."""
+    return torch.stack([g * (row @ bank_a[k].t() @ bank_b[k]) for row, k, g in zip(x, indices.tolist(), gate)])

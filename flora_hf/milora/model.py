@@ -1,0 +1,274 @@
+from __future__ import annotations
+
+import re
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from ..per_example import per_example_forward
+from .config import (
+    DEFAULT_ROUTING_PREFIX,
+    ROUTING_PREFIX_BY_MODEL_TYPE,
+    TRANSFORMERS_MODELS_TO_MILORA_TARGET_MODULES_MAPPING,
+    MiLoRAConfig,
+)
+from .layer import Linear, MiLoRALayer
+from .router import GateSlot, MiLoRARouter, RoutingRuntime, cached_gates, route_before_layer
+
+_LAYER_KEY = re.compile(r"^(.*?\.\d+)\.(.+)$")
+"""``<layer list>.<index>`` then the module path inside the transformer layer (the expert's name)."""
+ROUTER_ATTR = "milora_router"
+RUNTIME_ATTR = "_milora_runtime"
+
+
+def split_expert_key(key: str) -> tuple[str, str]:
+    """``model.layers.3.self_attn.q_proj`` -> (``model.layers.3``, ``self_attn.q_proj``)."""
+    match = _LAYER_KEY.match(key)
+    if match is None:
+        raise ValueError(
+            f"MiLoRA experts must sit inside a numbered transformer layer (e.g. model.layers.3.mlp.up_proj); {key!r} "
+            "does not: leave it out of target_modules"
+        )
+    return match.group(1), match.group(2)
+
+
+def _cache_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple caches
+
+
+def _first_tensor(args: tuple, kwargs: dict[str, Any], *names: str) -> Optional[Tensor]:
+    for name in names:
+        value = kwargs.get(name)
+        if isinstance(value, Tensor):
+            return value
+    return args[0] if args and isinstance(args[0], Tensor) else None
+
+
+def prompt_mask_for_call(
+    model: nn.Module, args: tuple, kwargs: dict[str, Any], routing_prefix: int
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Which tokens of this forward are prompt: (decoder/causal mask ``(B, T)``, encoder mask or None).
+
+    Padding is never prompt. With ``labels``, positions labelled -100 are the prompt (the response is what the loss
+    reads); rows whose every label is a target (packed language modelling) route on their first ``routing_prefix``
+    tokens.
+    """
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    labels = kwargs.get("labels")
+    if encoder_decoder:
+        tokens = _first_tensor((), kwargs, "decoder_input_ids", "decoder_inputs_embeds")
+        attention = kwargs.get("decoder_attention_mask")
+        encoder_mask = kwargs.get("attention_mask")
+        if tokens is None and labels is not None:
+            tokens = labels
+    else:
+        tokens = _first_tensor(args, kwargs, "input_ids", "inputs_embeds")
+        attention = kwargs.get("attention_mask")
+        encoder_mask = None
+    if tokens is None:
+        return None, encoder_mask
+    batch, length = tokens.shape[:2]
+    mask = torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
+    if isinstance(attention, Tensor) and attention.dim() == 2:
+        mask = attention[:, -length:].to(device=tokens.device, dtype=torch.bool)
+    if isinstance(labels, Tensor) and labels.shape[:2] == (batch, length):
+        prompt = mask & (labels == -100)
+        prefix = mask & (mask.long().cumsum(1) <= routing_prefix)
+        mask = torch.where(prompt.any(1, keepdim=True), prompt, prefix)
+    return mask, encoder_mask if isinstance(encoder_mask, Tensor) and encoder_mask.dim() == 2 else None
+
+
+class MiLoRAModel(BaseTuner):
+    """Injects MiLoRA (prompt-aware mixture of LoRA experts, routed once per prompt) into a transformers model.
+
+    Each targeted module becomes an expert (:class:`~flora_hf.milora.layer.Linear`); each transformer layer holding
+    experts gets a :class:`~flora_hf.milora.router.MiLoRARouter` (``layer.milora_router``), run by a forward pre-hook.
+    Hooks on the model's own forward decide, per call, whether it is a prefill (route) or a decoding step with a KV
+    cache (reuse), and attach the load-balancing loss to the output as ``load_balance_loss`` in training.
+    Per-example adapters (``adapter_names=[...]``) work as for FLoRA, MiLoRA rows mixed with base rows.
+    """
+
+    prefix: str = "milora_"
+    tuner_layer_cls = MiLoRALayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_MILORA_TARGET_MODULES_MAPPING
+
+    # ------------------------------------------------------------------------------------------------ injection
+    def _create_and_replace(
+        self,
+        config: MiLoRAConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        layer_key, expert_name = split_expert_key(current_key)
+        slot = self._slot_for(layer_key)
+        self.__dict__.setdefault("_new_experts", {}).setdefault(layer_key, set()).add(expert_name)
+        kwargs = {
+            "r": config.r,
+            "scaling": config.scaling,
+            "dropout": config.lora_dropout,
+            "init_weights": config.init_weights,
+        }
+        if isinstance(target, MiLoRALayer):
+            target.update_layer(adapter_name, **kwargs, inference_mode=config.inference_mode)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, (nn.Linear, Conv1D)):
+            raise ValueError(
+                f"MiLoRA experts wrap nn.Linear or transformers Conv1D layers; {current_key!r} is {type(base).__name__}"
+            )
+        slot.columns.setdefault(expert_name, len(slot.columns))
+        new_module = Linear(target, adapter_name, expert_name, slot, fan_in_fan_out=isinstance(base, Conv1D), **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _slot_for(self, layer_key: str) -> GateSlot:
+        layer = self.model.get_submodule(layer_key)
+        router = getattr(layer, ROUTER_ATTR, None)
+        if router is not None:
+            return router.slot
+        return self.__dict__.setdefault("_pending_slots", {}).setdefault(layer_key, GateSlot())
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_new_experts"] = {}
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._install_routers(model, adapter_name)
+
+    def _install_routers(self, model: nn.Module, adapter_name: str) -> None:
+        config: MiLoRAConfig = self.peft_config[adapter_name]
+        runtime = install_routing_hooks(model, config)
+        hidden = getattr(model.config, "hidden_size", None)
+        if not isinstance(hidden, int):
+            raise ValueError("MiLoRA needs the model config's hidden_size to size its routers")
+        pending = self.__dict__.get("_pending_slots", {})
+        for layer_key, experts in sorted(self.__dict__.get("_new_experts", {}).items()):
+            layer = model.get_submodule(layer_key)
+            router = getattr(layer, ROUTER_ATTR, None)
+            if router is None:
+                is_encoder = ".encoder." in f".{layer_key}."
+                router = MiLoRARouter(layer_key, hidden, runtime, is_encoder)
+                router.slot = pending.pop(layer_key, router.slot)
+                setattr(layer, ROUTER_ATTR, router)
+                router._hook = layer.register_forward_pre_hook(route_before_layer, with_kwargs=True)
+            device = next((p.device for p in layer.parameters() if p.device.type != "meta"), torch.device("cpu"))
+            router.update_layer(
+                adapter_name,
+                tuple(sorted(experts)),
+                top_k=config.top_k,
+                pooler=config.pooler,
+                rational_degrees=config.rational_degrees,
+                rational_form=config.rational_form,
+                device=device,
+                inference_mode=config.inference_mode,
+            )
+            if adapter_name not in self.active_adapters:
+                router.requires_grad_(False)
+        self.__dict__["_new_experts"] = {}
+
+    def routers(self) -> list[MiLoRARouter]:
+        return [m for m in self.model.modules() if isinstance(m, MiLoRARouter)]
+
+    # --------------------------------------------------------------------------------------- adapter lifecycle
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for router in self.routers():
+            if adapter_name in router.milora_weight:
+                router.delete_adapter(adapter_name)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any):
+        if merge:
+            self._check_merge_allowed()
+        remove_routers(self.model)
+        return super()._unload_and_optionally_merge(merge=False, **kwargs)
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError("MiLoRA cannot be merged into the base weights: the experts in use depend on each prompt")
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PEFT calls this around forward and generate: ``adapter_names`` selects an adapter per example."""
+        with per_example_forward(self.model, args, kwargs):
+            yield
+
+
+def install_routing_hooks(model: nn.Module, config: MiLoRAConfig) -> RoutingRuntime:
+    """Hooks on the model's forward that tell the routers whether this call routes or reuses (once per model)."""
+    runtime = getattr(model, RUNTIME_ATTR, None)
+    if runtime is not None:
+        return runtime
+    runtime = RoutingRuntime()
+    object.__setattr__(model, RUNTIME_ATTR, runtime)
+    model_type = getattr(model.config, "model_type", "")
+    prefix = config.routing_prefix or ROUTING_PREFIX_BY_MODEL_TYPE.get(model_type, DEFAULT_ROUTING_PREFIX)
+
+    def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        cache = kwargs.get("past_key_values")
+        runtime.in_model_call = True
+        runtime.cache = cache
+        runtime.local_gates = {}
+        runtime.reuse = _cache_length(cache) > 0 and cached_gates(cache) is not None
+        if _cache_length(cache) > 0 and cached_gates(cache) is None:
+            runtime.reuse = True  # the routers raise a clear error: this cache was filled without routing
+        mask, encoder_mask = prompt_mask_for_call(module, args, kwargs, prefix)
+        if runtime.explicit_prompt_mask is not None and mask is not None:
+            mask = mask & runtime.explicit_prompt_mask.to(mask.device, torch.bool)
+        runtime.prompt_mask, runtime.encoder_mask = mask, encoder_mask
+
+    def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        runtime.in_model_call = False
+        losses, runtime.balance_losses = runtime.balance_losses, []
+        if losses and isinstance(output, dict):
+            output["load_balance_loss"] = torch.stack(losses).mean()
+        return output
+
+    runtime._handles = (
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True),
+    )
+    return runtime
+
+
+def remove_routers(model: nn.Module) -> None:
+    """Take every router, its hook and the model-level hooks off ``model`` (unload)."""
+    for _name, module in list(model.named_modules()):
+        router = getattr(module, ROUTER_ATTR, None)
+        if isinstance(router, MiLoRARouter):
+            router._hook.remove()
+            delattr(module, ROUTER_ATTR)
+    runtime = getattr(model, RUNTIME_ATTR, None)
+    if runtime is not None:
+        for handle in runtime._handles:
+            handle.remove()
+        object.__delattr__(model, RUNTIME_ATTR)
+
+
+@contextmanager
+def routing_prompt_mask(model: nn.Module, prompt_mask: Tensor) -> Iterator[None]:
+    """Route on exactly these tokens (``(B, T)`` bool, True = prompt) for forwards inside the block.
+
+    For training data whose prompt/response split is not in ``labels``; intersected with the attention mask.
+    """
+    runtimes = {id(r): r for r in (getattr(m, RUNTIME_ATTR, None) for m in model.modules()) if r is not None}
+    if not runtimes:
+        warnings.warn("routing_prompt_mask: the model has no MiLoRA adapter", stacklevel=2)
+    previous = {key: r.explicit_prompt_mask for key, r in runtimes.items()}
+    for r in runtimes.values():
+        r.explicit_prompt_mask = prompt_mask
+    try:
+        yield
+    finally:
+        for key, r in runtimes.items():
+            r.explicit_prompt_mask = previous[key]

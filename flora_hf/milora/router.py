@@ -1,0 +1,234 @@
+"""MiLoRA's per-layer router and the once-per-prompt routing state it shares with its experts.
+
+A :class:`MiLoRARouter` is attached to each transformer layer (``layer.milora_router``) and runs from a forward
+pre-hook on that layer: at prefill it pools the prompt, routes, and stores the gates; at decode it hands back the
+stored gates. The gates of causal (decoder) layers are stored on the KV cache object, so they live exactly as
+long as the cache and follow it through beam reordering; encoder layers re-route on every call (an encoder sees
+its whole prompt every time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import Tensor, nn
+
+from ..ops.milora import RoutedGates, gelu_rational_init, load_balance_loss, pool_prompt, route
+from ..per_example import PerExampleAdapterLayer, _in_backward
+
+GatesByAdapter = dict[Optional[str], RoutedGates]
+"""Per-example batches use the key None (each row routed by its own adapter); otherwise one entry per active adapter."""
+
+_CACHE_ATTR = "_milora_gates"
+
+
+@dataclass
+class GateSlot:
+    """Shared by a router and the expert layers of its transformer layer: the expert columns and current gates."""
+
+    columns: dict[str, int] = field(default_factory=dict)
+    current: Optional[GatesByAdapter] = None
+
+
+@dataclass
+class RoutingRuntime:
+    """Model-wide routing context for the current forward, set by a pre-hook on the model's top-level forward."""
+
+    in_model_call: bool = False
+    reuse: bool = False
+    prompt_mask: Optional[Tensor] = None
+    encoder_mask: Optional[Tensor] = None
+    cache: Any = None
+    explicit_prompt_mask: Optional[Tensor] = None
+    balance_losses: list[Tensor] = field(default_factory=list)
+    local_gates: dict[str, GatesByAdapter] = field(default_factory=dict)
+
+    def stored(self) -> dict[str, GatesByAdapter]:
+        if self.cache is None:
+            return self.local_gates
+        gates = getattr(self.cache, _CACHE_ATTR, None)
+        if gates is None:
+            gates = {}
+            attach_gates_to_cache(self.cache, gates)
+        return gates
+
+
+def _select(gates: dict[str, GatesByAdapter], pick) -> None:
+    for key, by_adapter in gates.items():
+        gates[key] = {name: pick(rg) for name, rg in by_adapter.items()}
+
+
+def attach_gates_to_cache(cache: Any, gates: dict[str, GatesByAdapter]) -> None:
+    """Store ``gates`` on a transformers Cache and make its row-reordering methods reorder them too.
+
+    Cache classes are transformers' (no hook for extra per-row state), so the instance's own methods are wrapped.
+    """
+    setattr(cache, _CACHE_ATTR, gates)
+    if getattr(cache, "_milora_wrapped", False):
+        return
+    for method, pick in (
+        ("reorder_cache", lambda idx: lambda rg: rg.index_select(idx)),
+        ("batch_select_indices", lambda idx: lambda rg: rg.index_select(idx)),
+        ("batch_repeat_interleave", lambda n: lambda rg: rg.repeat_interleave(n)),
+    ):
+        original = getattr(cache, method, None)
+        if original is None:
+            continue
+
+        def wrapped(arg, _original=original, _pick=pick):
+            result = _original(arg)
+            _select(getattr(cache, _CACHE_ATTR), _pick(arg))
+            return result
+
+        setattr(cache, method, wrapped)
+    cache._milora_wrapped = True
+
+
+def cached_gates(cache: Any) -> Optional[dict[str, GatesByAdapter]]:
+    return getattr(cache, _CACHE_ATTR, None)
+
+
+class MiLoRARouter(nn.Module, BaseTunerLayer, PerExampleAdapterLayer):
+    """Pooler, normalization, rational activation, linear, softmax and top-k for one transformer layer.
+
+    Parameters per adapter: ``milora_weight`` (N_adapter, d) router weight, ``milora_query`` (d,) the attention
+    pooler's query, ``milora_num`` / ``milora_den`` the rational coefficients (the bi-level "architecture"
+    parameters), all fp32. Expert columns are the union over this layer's adapters, so adapters that adapt
+    different module sets still share one gates tensor.
+    """
+
+    adapter_layer_names = ("milora_weight", "milora_query", "milora_num", "milora_den")
+    other_param_names = ("top_k", "pooler", "rational_form", "experts")
+
+    def __init__(self, key: str, hidden_size: int, runtime: RoutingRuntime, is_encoder: bool) -> None:
+        super().__init__()
+        self.key = key
+        self.hidden_size = hidden_size
+        self.runtime = runtime
+        self.is_encoder = is_encoder
+        self.slot = GateSlot()
+        self.milora_weight = nn.ParameterDict({})
+        self.milora_query = nn.ParameterDict({})
+        self.milora_num = nn.ParameterDict({})
+        self.milora_den = nn.ParameterDict({})
+        self.top_k: dict[str, int] = {}
+        self.pooler: dict[str, str] = {}
+        self.rational_form: dict[str, str] = {}
+        self.experts: dict[str, tuple[str, ...]] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter = "default"
+        self.kwargs: dict[str, Any] = {}
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        experts: tuple[str, ...],
+        top_k: int,
+        pooler: str,
+        rational_degrees: tuple[int, int],
+        rational_form: str,
+        device: torch.device,
+        inference_mode: bool = False,
+    ) -> None:
+        self.experts[adapter_name] = tuple(experts)
+        for name in experts:
+            self.slot.columns.setdefault(name, len(self.slot.columns))
+        self.top_k[adapter_name] = top_k
+        self.pooler[adapter_name] = pooler
+        self.rational_form[adapter_name] = rational_form
+        weight = torch.empty(len(experts), self.hidden_size, device=device)
+        nn.init.normal_(weight, std=self.hidden_size**-0.5)
+        self.milora_weight[adapter_name] = nn.Parameter(weight)
+        if pooler == "attention":
+            self.milora_query[adapter_name] = nn.Parameter(
+                torch.randn(self.hidden_size, device=device) * self.hidden_size**-0.5
+            )
+        a, b = gelu_rational_init(*rational_degrees, form=rational_form)
+        self.milora_num[adapter_name] = nn.Parameter(a.to(device))
+        self.milora_den[adapter_name] = nn.Parameter(b.to(device))
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def adapter_names_in_layer(self) -> set[str]:
+        return set(self.milora_weight.keys())
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.experts.pop(adapter_name, None)
+
+    # ------------------------------------------------------------------------------------------------- routing
+    def _route_one(self, name: str, hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        pooled = pool_prompt(hidden, mask, self.pooler[name], self.milora_query.get(name, None))
+        probs, gates = route(
+            pooled,
+            self.milora_weight[name],
+            self.milora_num[name],
+            self.milora_den[name],
+            self.top_k[name],
+            self.rational_form[name],
+        )
+        columns = torch.tensor([self.slot.columns[e] for e in self.experts[name]], device=hidden.device)
+        full = gates.new_zeros(gates.shape[0], len(self.slot.columns))
+        return probs, full.index_copy(1, columns, gates)
+
+    def _record_balance(self, probs: Tensor) -> None:
+        if self.training and torch.is_grad_enabled() and not _in_backward() and probs.shape[-1] > 1:
+            self.runtime.balance_losses.append(load_balance_loss(probs))
+
+    def route_prompt(self, hidden: Tensor, prompt_mask: Tensor) -> GatesByAdapter:
+        """Gates for every row of ``hidden`` ``(B, T, d)`` from its prompt tokens ``prompt_mask`` ``(B, T)``."""
+        batch = self.current_adapter_batch()
+        if batch is not None:
+            order = tuple(self.milora_weight.keys())
+            indices = batch.indices(order, hidden.shape[0], hidden.device)
+            gates = torch.zeros(hidden.shape[0], len(self.slot.columns), device=hidden.device)
+            for k, name in enumerate(order, start=1):
+                rows = (indices == k).nonzero(as_tuple=True)[0]
+                if rows.numel() == 0:
+                    continue
+                probs, routed = self._route_one(name, hidden.index_select(0, rows), prompt_mask.index_select(0, rows))
+                self._record_balance(probs)
+                gates = gates.index_copy(0, rows, routed)
+            return {None: RoutedGates(gates)}
+        result: GatesByAdapter = {}
+        for name in self.active_adapters:
+            if name in self.milora_weight:
+                probs, routed = self._route_one(name, hidden, prompt_mask)
+                self._record_balance(probs)
+                result[name] = RoutedGates(routed)
+        return result
+
+    def forward(self, hidden: Tensor) -> GatesByAdapter:
+        """Route ``hidden`` as the current model call says (prefill: route and store; decode: reuse) and publish."""
+        runtime = self.runtime
+        ones = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        if self.disable_adapters or not self.milora_weight:
+            gates: GatesByAdapter = {}
+        elif self.is_encoder:
+            mask = runtime.encoder_mask
+            gates = self.route_prompt(hidden, mask if mask is not None and mask.shape == ones.shape else ones)
+        elif runtime.in_model_call and runtime.reuse and not _in_backward():
+            stored = runtime.stored()
+            if self.key not in stored:
+                raise RuntimeError(
+                    "MiLoRA found a KV cache without routing decisions for layer "
+                    f"{self.key!r}: routing happens at prefill, so a cache must come from a forward of this model "
+                    "with MiLoRA adapters loaded"
+                )
+            gates = stored[self.key]
+        else:
+            mask = runtime.prompt_mask if runtime.in_model_call or _in_backward() else None
+            gates = self.route_prompt(hidden, mask if mask is not None and mask.shape == ones.shape else ones)
+            if runtime.in_model_call and not _in_backward():
+                runtime.stored()[self.key] = gates
+        self.slot.current = gates
+        return gates
+
+
+def route_before_layer(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook of a transformer layer: run its router on the layer's input hidden states."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    layer.milora_router(hidden)
