@@ -18,7 +18,7 @@ from .config import (
     MiLoRAConfig,
 )
 from .layer import Linear, MiLoRALayer
-from .router import GateSlot, MiLoRARouter, RoutingRuntime, cached_gates, route_before_layer
+from .router import GateSlot, MiLoRARouter, RoutingRuntime, route_before_layer
 
 _LAYER_KEY = re.compile(r"^(.*?\.\d+)\.(.+)$")
 """``<layer list>.<index>`` then the module path inside the transformer layer (the expert's name)."""
@@ -219,9 +219,9 @@ def install_routing_hooks(model: nn.Module, config: MiLoRAConfig) -> RoutingRunt
         runtime.in_model_call = True
         runtime.cache = cache
         runtime.local_gates = {}
-        runtime.reuse = _cache_length(cache) > 0 and cached_gates(cache) is not None
-        if _cache_length(cache) > 0 and cached_gates(cache) is None:
-            runtime.reuse = True  # the routers raise a clear error: this cache was filled without routing
+        # A non-empty cache means decoding: reuse the gates stored on it at prefill (the routers raise a clear
+        # error when a cache was filled without them).
+        runtime.reuse = _cache_length(cache) > 0
         mask, encoder_mask = prompt_mask_for_call(module, args, kwargs, prefix)
         if runtime.explicit_prompt_mask is not None and mask is not None:
             mask = mask & runtime.explicit_prompt_mask.to(mask.device, torch.bool)

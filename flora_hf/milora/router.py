@@ -208,7 +208,7 @@ class MiLoRARouter(nn.Module, BaseTunerLayer, PerExampleAdapterLayer):
         if self.disable_adapters or not self.milora_weight:
             gates: GatesByAdapter = {}
         elif self.is_encoder:
-            mask = runtime.encoder_mask
+            mask = runtime.encoder_mask if runtime.in_model_call else None  # generate runs encoders on their own
             gates = self.route_prompt(hidden, mask if mask is not None and mask.shape == ones.shape else ones)
         elif runtime.in_model_call and runtime.reuse and not _in_backward():
             stored = runtime.stored()
