@@ -1,10 +1,11 @@
-"""DeepSpeed configs and the launch command flora-train re-runs itself under; a real ZeRO step where DeepSpeed is
-installed (it is not part of the dev install: pip install 'flora-hf[deepspeed]')."""
+"""DeepSpeed configs and the launch command flora-train re-runs itself under; real ZeRO-2 and ZeRO-3 runs on the
+CPU where DeepSpeed is installed (the dev extra installs it)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -12,9 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import GPTBigCodeForCausalLM
 
 from trainers.launch import (
+    DISTRIBUTED_ENV,
     LAUNCHED_ENV,
+    MODULE,
     LaunchError,
     build_launch_command,
     in_launched_process,
@@ -22,9 +29,12 @@ from trainers.launch import (
     read_deepspeed_config,
 )
 from trainers.recipe import CONFIG_DIR, REPO_ROOT
-from trainers.train import main
+from trainers.train import loss_series, main
 
-from .recipe_fixtures import code_assets
+from .deepspeed_cpu_run import free_port
+from .recipe_fixtures import cli_args, code_assets, code_overrides, trained_run
+
+WEIGHTS = "adapter_model.safetensors"
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -81,19 +91,53 @@ def test_print_launch_from_the_cli(capsys, monkeypatch) -> None:
     assert "--deepspeed configs/ds_zero2.json" in printed
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
-def test_real_deepspeed_zero2_step_on_cpu(tmp_path_factory, tmp_path: Path) -> None:
-    """flora-train re-launched under the deepspeed launcher, one process, ZeRO-2, on the tiny code model."""
-    assets = code_assets(tmp_path_factory)
+# ------------------------------------------------------------------------------------------ real DeepSpeed runs
+def _deepspeed_launcher() -> str | None:
+    """The ``deepspeed`` launcher: on PATH, or next to this Python (``make test`` runs .venv/bin/python directly)."""
+    return shutil.which(
+        "deepspeed", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="deepspeed is not installed (the dev extra installs it: pip install -e '.[dev]', or '.[deepspeed]')",
+)
+@pytest.mark.parametrize("stage, launcher", [(2, True), (3, False)], ids=["zero2-launcher", "zero3-in-process"])
+def test_real_deepspeed_run_on_cpu(stage: int, launcher: bool, tmp_path_factory, tmp_path: Path) -> None:
+    """The tiny code recipe for 6 steps under DeepSpeed on the CPU with the repository's ZeRO config: ZeRO-2 under
+    the ``deepspeed`` launcher (the command flora-train builds), ZeRO-3 as rank 0 of 1 in one process. Losses are
+    finite, DeepSpeed checkpoints are written, the adapter is saved in PEFT format (gathered from its ZeRO-3
+    partitions) and equals the adapter of the same run without DeepSpeed. :mod:`.deepspeed_cpu_run` stands in for
+    ``trainers.train`` so that nothing is JIT-compiled (see there)."""
+    plain = trained_run(tmp_path_factory, "code")  # the same recipe and overrides, without DeepSpeed
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "trainers.train", "--recipe", "tiny-code", "--model", str(assets["model"])]
-    command += ["--data", str(assets["data"]), "--lang", "alpha", "--max-steps", "2", "--output-dir", str(out)]
-    command += ["--set", "block_size=32", "--set", "eval_fraction=0.2", "--set", "save_steps=2", "--no-progress"]
-    command += ["--deepspeed", str(CONFIG_DIR / "ds_zero2.json"), "--num-gpus", "1"]
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", LAUNCHED_ENV)}
+    args = cli_args("tiny-code", code_overrides(code_assets(tmp_path_factory), out))
+    args += ["--deepspeed", str(CONFIG_DIR / f"ds_zero{stage}.json")]
+    module = "tests.trainers.deepspeed_cpu_run"
+    if launcher:
+        script = _deepspeed_launcher()
+        if script is None:
+            pytest.skip("the deepspeed launcher script is not installed next to this Python nor on PATH")
+        command = build_launch_command(args, launcher="deepspeed", num_gpus=1)
+        command[command.index(MODULE)] = module
+        command[:1] = [script, "--master_port", str(free_port())]
+    else:
+        command = [sys.executable, "-m", module, *args]
+    env = {k: v for k, v in os.environ.items() if k not in (*DISTRIBUTED_ENV, "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (out / "alpha" / "adapter_model.safetensors").is_file()
-    assert (out / "checkpoint-2" / "global_step2").is_dir()  # a DeepSpeed checkpoint
+    env["DS_ACCELERATOR"] = "cpu"
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    summary = json.loads((out / "train_summary.json").read_text())
+    losses = [loss for _, loss in loss_series(summary["log_history"])["train"]]
+    assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
+    assert (out / "checkpoint-6" / "global_step6").is_dir()  # DeepSpeed's own checkpoint, for --resume
+    assert json.loads((out / "alpha" / "adapter_config.json").read_text())["peft_type"] == "FLORA"
+    weights, expected = load_file(str(out / "alpha" / WEIGHTS)), load_file(str(plain / "alpha" / WEIGHTS))
+    assert weights.keys() == expected.keys()
+    for key in weights:
+        torch.testing.assert_close(weights[key], expected[key], atol=1e-5, rtol=0.0, msg=key)
+    base = GPTBigCodeForCausalLM.from_pretrained(summary["base_model"])
+    PeftModel.from_pretrained(base, str(out / "alpha"), adapter_name="alpha")  # loads in PEFT
