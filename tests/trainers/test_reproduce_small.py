@@ -5,7 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainers.reproduce_small import Report, Row, markdown, run_task, verdict, verdicts_for, write
+import pytest
+
+from trainers.reproduce_small import (
+    Report,
+    Row,
+    loss_change,
+    markdown,
+    parse_args,
+    run_task,
+    verdict,
+    verdicts_for,
+    write,
+)
 
 from .recipe_fixtures import code_assets, code_overrides
 
@@ -21,17 +33,27 @@ def test_verdict_on_the_papers_ordering() -> None:
 def test_report_files(tmp_path: Path) -> None:
     rows = [Row("speech", "mr", "base", 3.0, wer=1.0, cer=0.8)]
     rows += [
-        Row("speech", "mr", m, x, wer=w, cer=0.5, steps=5)
-        for m, x, w in [("flora", 2.0, 0.6), ("lora", 2.01, 0.61), ("ia3", 2.5, 0.7)]
+        Row("speech", "mr", m, x, wer=w, normalized_wer=w, cer=0.5, steps=5)
+        for m, x, w in [("flora", 2.0, 0.6), ("lora", 2.01, 0.61), ("ia3", 2.5, 0.7), ("milora", 1.0, 0.1)]
     ]
-    report = Report(rows=rows, verdicts=verdicts_for(rows))
+    report = Report(rows=rows, verdicts=verdicts_for(rows), settings={"command": "python -m x"}, seconds={"total": 3})
+    # a method outside the paper's claim gets its row, and no say in the verdict
     assert [v.metric for v in report.verdicts] == ["loss", "wer", "cer"]
+    assert all(set(v.values) == {"flora", "lora", "ia3"} for v in report.verdicts)
+    assert loss_change(report, rows[1]) == pytest.approx(-1 / 3) and loss_change(report, rows[0]) is None
     write(report, tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())
-    assert len(data["rows"]) == 4 and data["verdicts"][0]["holds"] is True
+    assert len(data["rows"]) == 5 and data["verdicts"][0]["holds"] is True
     text = (tmp_path / "results.md").read_text()
-    assert "| speech | mr | flora | 2.0000 | 60.0 |" in text and "holds in 2 of 3 comparisons" in text
+    assert text.startswith("`python -m x` (total 3 s)")
+    assert "| speech | mr | flora | 2.0000 | -33.33 | 60.0 | 60.0 | 50.0 |" in text
+    assert "| speech | mr | milora | 1.0000 |" in text and "holds in 2 of 3 comparisons" in text
     assert text == markdown(report)
+
+
+def test_default_methods_are_the_papers() -> None:
+    args = parse_args([])
+    assert args.methods == "flora,lora,ia3" and args.code_steps > 50 and args.speech_steps > 80
 
 
 def test_every_method_runs_with_the_same_budget(tmp_path_factory, tmp_path: Path) -> None:
