@@ -2,6 +2,9 @@
 
 Rows are left-padded: every row's next token sits in the last column, so one decode step is a single forward of
 ``(B, 1)`` tokens whatever the prompt lengths. Each row carries its adapter slot, sampling state and stop criteria.
+
+MiLoRA rows are routed once, at prefill: the gates of each transformer layer (``milora_gates``, ``(B, N)``, zero
+for rows without MiLoRA) live here beside the KV cache, and ``filter`` / ``concatenate`` carry them row for row.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+
+from flora_hf.ops.milora import RoutedGates
 
 from .sampling import HeterogeneousNextTokenChooser, IncrementalDetokenizer, StoppingCriteria
 from .types import GenerationRequest
@@ -41,6 +46,8 @@ class Batch:
     generated: list[int] = field(default_factory=list)
     past_key_values: Optional[DynamicCache] = None
     prefill_done: bool = False
+    milora_gates: dict[str, Tensor] = field(default_factory=dict)  # layer path -> (B, N) gates from the prefill
+    expert_gates: Optional[dict[str, RoutedGates]] = None  # derived from milora_gates, cached for these rows
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -112,6 +119,7 @@ class Batch:
             generated=[self.generated[i] for i in rows],
             past_key_values=cache,
             prefill_done=self.prefill_done,
+            milora_gates={key: gates.index_select(0, index) for key, gates in self.milora_gates.items()},
         )
 
     # --------------------------------------------------------------------------------------- concatenate
@@ -131,6 +139,11 @@ class Batch:
             vs = [torch.nn.functional.pad(layer.values, (0, 0, pad, 0)) for layer in b.past_key_values.layers]
             layers_k = [[k] for k in ks] if layers_k is None else [acc + [k] for acc, k in zip(layers_k, ks)]
             layers_v = [[v] for v in vs] if layers_v is None else [acc + [v] for acc, v in zip(layers_v, vs)]
+        gates: dict[str, Tensor] = {}
+        for key in dict.fromkeys(k for b in batches for k in b.milora_gates):  # zeros for rows routed nowhere here
+            like = next(b.milora_gates[key] for b in batches if key in b.milora_gates)
+            parts = [b.milora_gates.get(key, like.new_zeros(len(b), like.shape[1])) for b in batches]
+            gates[key] = torch.cat(parts)
         cache = batches[0].past_key_values
         for layer, ks, vs in zip(cache.layers, layers_k, layers_v):
             layer.keys = torch.cat(ks)
@@ -148,4 +161,5 @@ class Batch:
             generated=[g for b in batches for g in b.generated],
             past_key_values=cache,
             prefill_done=True,
+            milora_gates=gates,
         )

@@ -3,7 +3,8 @@
 The scheduler thread owns the model. Each loop iteration admits waiting requests whose adapters are on the device
 (prefilled together, then concatenated into the running batch), runs one decode step for the running batch, sends
 every token to its request's asyncio queue, and drops finished or cancelled rows. Requests for a cold adapter stay
-queued while the store copies it into a slot, so they never stall the rows already decoding.
+queued while the store copies it into a slot, so they never stall the rows already decoding. MiLoRA rows are
+routed during their prefill only; their gates then travel with the running batch (see :mod:`serving.batch`).
 """
 
 from __future__ import annotations

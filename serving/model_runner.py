@@ -1,4 +1,8 @@
-"""One decoding step for a whole batch (TGI's ``generate_token``): forward, choose, detokenize, stop, filter."""
+"""One decoding step for a whole batch (TGI's ``generate_token``): forward, choose, detokenize, stop, filter.
+
+At a prefill with MiLoRA rows the layers' routers run and their gates are kept in the batch; decoding steps hand
+those gates back to the layers, so each prompt is routed exactly once.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +13,46 @@ from torch import nn
 from transformers import DynamicCache
 
 from .batch import Batch
-from .layers import AdapterContext, StepMetadata
+from .layers import AdapterContext, PromptRouting, StepMetadata, expert_gates
 from .sampling import top_n_tokens
 from .types import StepOutput, TokenInfo
 
 
+def _on(device: torch.device, values: list) -> torch.Tensor:
+    return torch.tensor(values).to(device, non_blocking=True)
+
+
 def step_metadata(batch: Batch, device: torch.device) -> StepMetadata:
-    """Slots per row and the adapter kinds present; built on the host, so no device sync."""
-    slots = torch.tensor([a.slot for a in batch.adapters], dtype=torch.long).to(device, non_blocking=True)
-    flora = [a.rank for a in batch.adapters if a.method == "flora"]
-    lora = [a.rank for a in batch.adapters if a.method == "lora"]
-    return StepMetadata(
-        slots=slots,
-        flora_rank=max(flora, default=0),
-        lora_rank=max(lora, default=0),
-        ia3=any(a.method == "ia3" for a in batch.adapters),
+    """Slots per row, the adapter kinds present and MiLoRA's routing; built on the host, so no device sync.
+
+    Before the prefill, MiLoRA rows are grouped by slot for the routers; after it, the gates the routers left in the
+    batch are turned into the experts' row scales once per batch composition (cached on the batch).
+    """
+    methods = [a.method for a in batch.adapters]
+    meta = StepMetadata(
+        slots=_on(device, [a.slot for a in batch.adapters]).long(),
+        flora_rank=max((a.rank for a in batch.adapters if a.method == "flora"), default=0),
+        lora_rank=max((a.rank for a in batch.adapters if a.method in ("lora", "milora")), default=0),
+        ia3="ia3" in methods,
     )
+    if "milora" not in methods:
+        return meta
+    lora_rows = _on(device, [m == "lora" for m in methods]) if "lora" in methods else None
+    if not batch.prefill_done:
+        groups: dict[int, list[int]] = {}
+        for row, adapter in enumerate(batch.adapters):
+            if adapter.method == "milora":
+                groups.setdefault(adapter.slot, []).append(row)
+        meta.routing = PromptRouting(
+            prompt_mask=batch.attention_mask.bool(),
+            groups={slot: _on(device, rows) for slot, rows in groups.items()},
+            lora_rows=lora_rows,
+        )
+        return meta
+    if batch.expert_gates is None:
+        batch.expert_gates = {key: expert_gates(g, lora_rows) for key, g in batch.milora_gates.items()}
+    meta.expert_gates = batch.expert_gates
+    return meta
 
 
 class CausalLMRunner:
@@ -50,9 +78,10 @@ class CausalLMRunner:
         ]
 
     @torch.inference_mode()
-    def generate_token(self, batch: Batch) -> tuple[list[StepOutput], Optional[Batch]]:
-        """Advance every row by one token; returns the outputs and the batch of rows still running (or None)."""
-        self.context.current = step_metadata(batch, self.device)
+    def forward(self, batch: Batch):
+        """The model forward of one step (logits for the batch's new tokens); a prefill stores MiLoRA's gates."""
+        meta = step_metadata(batch, self.device)
+        self.context.current = meta
         try:
             out = self.model(
                 input_ids=batch.input_ids,
@@ -63,6 +92,15 @@ class CausalLMRunner:
             )
         finally:
             self.context.current = None
+        if meta.routing is not None:
+            batch.milora_gates = meta.routing.gates
+            batch.expert_gates = meta.expert_gates
+        return out
+
+    @torch.inference_mode()
+    def generate_token(self, batch: Batch) -> tuple[list[StepOutput], Optional[Batch]]:
+        """Advance every row by one token; returns the outputs and the batch of rows still running (or None)."""
+        out = self.forward(batch)
         first_step = not batch.prefill_done
         want_prefill = first_step and any(r.decoder_input_details for r in batch.requests)
         logits = out.logits if want_prefill else out.logits[:, -1:]

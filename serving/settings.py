@@ -138,7 +138,7 @@ def _listen_address(hostname: str) -> str:
 _OPTIONS: list[tuple[str, tuple[str, ...], tuple[str, ...], Any, str]] = [
     ("model_id", (), ("MODEL_ID",), str, "model folder or hub id (required)"),
     ("revision", (), ("REVISION",), str, "hub revision of the model"),
-    ("lora_adapters", (), ("LORA_ADAPTERS",), str, "adapters loaded at startup: `name=path,...` or folder paths"),
+    ("lora_adapters", (), ("LORA_ADAPTERS",), str, "adapters loaded at startup (PEFT folders: FLoRA, LoRA, IA3 or MiLoRA): `name=path,...` or folder paths"),
     ("hostname", (), ("HOSTNAME",), str, "address to listen on (default 0.0.0.0)"),
     ("port", ("-p",), ("PORT",), int, "port to listen on (default 3000; the container sets PORT=80)"),
     ("max_concurrent_requests", (), ("MAX_CONCURRENT_REQUESTS",), int, "requests in flight before 429 (128)"),

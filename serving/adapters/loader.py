@@ -1,7 +1,8 @@
-"""Read a PEFT-format adapter folder (FLoRA, LoRA or IA3) into host tensors, refusing anything that would not serve.
+"""Read a PEFT-format adapter folder (FLoRA, LoRA, IA3 or MiLoRA) into host tensors, refusing what would not serve.
 
 A server must never crash or serve garbage because of one bad adapter file, so every check happens here, at load:
-format (safetensors only), method, shapes against the base model's layers, rank limit, finite values.
+format (safetensors only), method, shapes against the base model's layers, rank limit, finite values, and for
+MiLoRA the routers (one per transformer layer holding experts, a weight row per expert, a known pooler).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -18,9 +19,11 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from flora_hf.ops.milora import POOLERS
+
 from ..types import AdapterError
 
-Method = Literal["flora", "lora", "ia3"]
+Method = Literal["flora", "lora", "ia3", "milora"]
 Role = Literal["flora_in", "flora_out", "lora_a", "lora_b", "ia3_in", "ia3_out"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -29,11 +32,34 @@ _PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
+class RouterWeights:
+    """A MiLoRA router of one transformer layer, as :func:`flora_hf.ops.milora.route` takes it.
+
+    ``experts`` are the module paths inside the layer (``self_attn.q_proj``), sorted: the order of ``weight``'s rows
+    (N, d). ``query`` (d,) only for the attention pooler; ``num`` (m+1,) and ``den`` (n,) the rational coefficients.
+    """
+
+    experts: tuple[str, ...]
+    weight: Tensor
+    num: Tensor
+    den: Tensor
+    query: Optional[Tensor]
+    pooler: str
+    top_k: int
+    rational_form: str
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.weight, self.num, self.den, self.query) if t is not None]
+
+
+@dataclass
 class AdapterWeights:
     """One adapter on the host: per base-module path, its tensors by role, in the shapes the slot banks take.
 
     flora_in (r, d_in), flora_out (r, d_out): the PEFT parameters (mean form); lora_a (r, d_in) and lora_b
-    (r, d_out) with PEFT's ``alpha / r`` scaling folded into lora_b; ia3_in (d_in,), ia3_out (d_out,).
+    (r, d_out) with PEFT's ``alpha / r`` scaling folded into lora_b; ia3_in (d_in,), ia3_out (d_out,). MiLoRA
+    experts are LoRA factors (same roles, scaling folded in), and ``routers`` holds a router per transformer layer
+    path (``model.layers.3``), whose gates scale those experts row by row.
     """
 
     name: str
@@ -41,9 +67,12 @@ class AdapterWeights:
     rank: int  # 0 for IA3
     modules: dict[str, dict[Role, Tensor]] = field(default_factory=dict)
     source: str = ""
+    routers: dict[str, RouterWeights] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for roles in self.modules.values() for t in roles.values())
+        tensors = [t for roles in self.modules.values() for t in roles.values()]
+        tensors += [t for router in self.routers.values() for t in router.tensors()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
@@ -101,15 +130,43 @@ def _is_feedforward(config: dict, module_path: str) -> bool:
     return any(module_path == m or module_path.endswith("." + m) for m in ff)
 
 
-def _parse_tensors(method: Method, config: dict, tensors: dict[str, Tensor]) -> dict[str, dict[Role, Tensor]]:
+def _milora_scaling(config: dict) -> float:
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise AdapterError(f"MiLoRA adapter config has an invalid rank r={rank!r}")
+    alpha = rank if alpha is None else alpha
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise AdapterError(f"MiLoRA adapter config has an invalid lora_alpha {alpha!r}")
+    return alpha / rank  # MiLoRAConfig.scaling
+
+
+_ROUTER_PARTS = {"milora_weight": "weight", "milora_query": "query", "milora_num": "num", "milora_den": "den"}
+
+
+def _parse_tensors(
+    method: Method, config: dict, tensors: dict[str, Tensor]
+) -> tuple[dict[str, dict[Role, Tensor]], dict[str, dict[str, Tensor]]]:
+    """Per module path its tensors by role; for MiLoRA also per layer path its router tensors by part."""
     modules: dict[str, dict[Role, Tensor]] = {}
+    routers: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
+        if method == "milora":
+            stem, _, leaf = key.rpartition(".")
+            if stem.endswith(".milora_router") and leaf in _ROUTER_PARTS:
+                layer = _module_path(stem, ".milora_router")
+                routers.setdefault(layer, {})[_ROUTER_PARTS[leaf]] = tensor.float()
+                continue
+            if leaf in ("milora_A", "milora_B"):
+                role: Role = "lora_a" if leaf == "milora_A" else "lora_b"
+                modules.setdefault(_module_path(key, "." + leaf), {})[role] = tensor.float()
+                continue
+            raise AdapterError(f"unexpected tensor {key!r} in a MILORA adapter")
         if method == "flora" and key.endswith((".flora_in", ".flora_out")):
             suffix = ".flora_in" if key.endswith(".flora_in") else ".flora_out"
             modules.setdefault(_module_path(key, suffix), {})[suffix[1:]] = tensor.float()
         elif method == "lora" and key.endswith((".lora_A.weight", ".lora_B.weight")):
             suffix = ".lora_A.weight" if key.endswith(".lora_A.weight") else ".lora_B.weight"
-            role: Role = "lora_a" if suffix == ".lora_A.weight" else "lora_b"
+            role = "lora_a" if suffix == ".lora_A.weight" else "lora_b"
             modules.setdefault(_module_path(key, suffix), {})[role] = tensor.float()
         elif method == "ia3" and key.endswith(".ia3_l"):
             path = _module_path(key, ".ia3_l")
@@ -120,13 +177,18 @@ def _parse_tensors(method: Method, config: dict, tensors: dict[str, Tensor]) -> 
     if not modules:
         raise AdapterError("the adapter holds no weights")
     for path, roles in modules.items():
-        needed = {"flora": {"flora_in", "flora_out"}, "lora": {"lora_a", "lora_b"}}.get(method)
-        if needed and set(roles) != needed:
-            raise AdapterError(f"module {path}: expected tensors {sorted(needed)}, found {sorted(roles)}")
+        needed = {"flora": {"flora_in", "flora_out"}, "lora": {"lora_a", "lora_b"}, "milora": {"lora_a", "lora_b"}}
+        if method in needed and set(roles) != needed[method]:
+            raise AdapterError(f"module {path}: expected tensors {sorted(needed[method])}, found {sorted(roles)}")
+        if method in ("lora", "milora") and any(t.dim() != 2 for t in roles.values()):
+            shapes = {role: tuple(t.shape) for role, t in roles.items()}
+            raise AdapterError(f"module {path}: LoRA factors must be matrices, got shapes {shapes}")
         if method == "lora":
             rank = roles["lora_a"].shape[0]
             roles["lora_b"] = roles["lora_b"].t().contiguous() * _lora_scaling(config, path, rank)
-    return modules
+        elif method == "milora":  # milora_B is (d_out, r), as PEFT's lora_B
+            roles["lora_b"] = roles["lora_b"].t().contiguous() * _milora_scaling(config)
+    return modules, routers
 
 
 def _check_against_base(
@@ -158,6 +220,97 @@ def _check_against_base(
     return rank
 
 
+def split_layer_path(path: str) -> tuple[str, str]:
+    """``model.layers.3.self_attn.q_proj`` -> (``model.layers.3``, ``self_attn.q_proj``): a MiLoRA expert's layer."""
+    from flora_hf.milora.model import split_expert_key
+
+    try:
+        return split_expert_key(path)
+    except ValueError as exc:
+        raise AdapterError(str(exc)) from None
+
+
+def _check_routers(
+    name: str,
+    config: dict,
+    modules: dict[str, dict[Role, Tensor]],
+    tensors: dict[str, dict[str, Tensor]],
+    base: nn.Module,
+) -> dict[str, RouterWeights]:
+    """MiLoRA's routers against its experts and the base model: one per layer with experts, rows = experts."""
+    pooler, form, top_k = config.get("pooler", "attention"), config.get("rational_form", "paper"), config.get("top_k")
+    if pooler not in POOLERS:
+        raise AdapterError(f"adapter {name!r}: unknown pooler {pooler!r}; MiLoRA poolers are {POOLERS}")
+    if form not in ("paper", "safe"):
+        raise AdapterError(f"adapter {name!r}: rational_form must be 'paper' or 'safe', got {form!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise AdapterError(f"adapter {name!r}: top_k must be a positive integer, got {top_k!r}")
+    degrees = config.get("rational_degrees", (6, 5))
+    if (
+        not isinstance(degrees, (list, tuple))
+        or len(degrees) != 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in degrees)
+    ):
+        raise AdapterError(f"adapter {name!r}: rational_degrees must be two positive integers, got {degrees!r}")
+    hidden = getattr(getattr(base, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise AdapterError(f"adapter {name!r}: MiLoRA needs the base model config's hidden_size")
+    experts: dict[str, list[str]] = {}
+    for path in modules:
+        layer, expert = split_layer_path(path)
+        experts.setdefault(layer, []).append(expert)
+    if set(tensors) != set(experts):
+        missing, extra = sorted(set(experts) - set(tensors)), sorted(set(tensors) - set(experts))
+        raise AdapterError(
+            f"adapter {name!r}: every transformer layer with MiLoRA experts needs exactly one router; "
+            f"layers without a router: {missing}, routers without experts: {extra}"
+        )
+    routers: dict[str, RouterWeights] = {}
+    for layer, parts in sorted(tensors.items()):
+        names = tuple(sorted(experts[layer]))
+        where = f"adapter {name!r}: router of {layer}"
+        try:
+            base.get_submodule(layer)
+        except AttributeError:
+            raise AdapterError(f"{where}: the base model has no layer {layer!r}") from None
+        for needed in ("weight", "num", "den"):
+            if needed not in parts:
+                raise AdapterError(f"{where}: milora_{needed} is missing")
+        query = parts.get("query")
+        if (query is not None) != (pooler == "attention"):
+            raise AdapterError(
+                f"{where}: milora_query must be present exactly when the pooler is 'attention' (pooler {pooler!r})"
+            )
+        shapes = {
+            "weight": (len(names), hidden),
+            "num": (int(degrees[0]) + 1,),
+            "den": (int(degrees[1]),),
+            "query": (hidden,),
+        }
+        for part in ("weight", "query", "num", "den"):
+            tensor = parts.get(part)
+            if tensor is None:
+                continue
+            if tuple(tensor.shape) != shapes[part]:
+                detail = f" ({len(names)} experts {list(names)}, hidden size {hidden})" if part == "weight" else ""
+                raise AdapterError(
+                    f"{where}: milora_{part} has shape {tuple(tensor.shape)}, expected {shapes[part]}{detail}"
+                )
+            if not torch.isfinite(tensor).all():
+                raise AdapterError(f"adapter {name!r} has NaN or infinite values in {layer}.milora_router.{part}")
+        routers[layer] = RouterWeights(
+            experts=names,
+            weight=parts["weight"],
+            num=parts["num"],
+            den=parts["den"],
+            query=query,
+            pooler=pooler,
+            top_k=top_k,
+            rational_form=form,
+        )
+    return routers
+
+
 def load_adapter_folder(name: str, folder: str | Path, base: nn.Module, max_rank: int) -> AdapterWeights:
     """Load and validate ``folder`` (PEFT format) for serving on ``base``; raises AdapterError with the reason."""
     folder = Path(folder)
@@ -165,14 +318,15 @@ def load_adapter_folder(name: str, folder: str | Path, base: nn.Module, max_rank
         raise AdapterError(f"adapter {name!r}: {folder} is not a directory")
     config = _read_config(folder)
     peft_type = str(config.get("peft_type", "")).upper()
-    methods: dict[str, Method] = {"FLORA": "flora", "LORA": "lora", "IA3": "ia3"}
+    methods: dict[str, Method] = {"FLORA": "flora", "LORA": "lora", "IA3": "ia3", "MILORA": "milora"}
     if peft_type not in methods:
         raise AdapterError(
-            f"adapter {name!r}: peft_type {peft_type or 'missing'} is not served (FLORA, LORA, IA3 are)"
+            f"adapter {name!r}: peft_type {peft_type or 'missing'} is not served (FLORA, LORA, IA3, MILORA are)"
         )
     method = methods[peft_type]
     if method == "lora" and config.get("use_dora"):
         raise AdapterError(f"adapter {name!r}: DoRA adapters are not served")
-    modules = _parse_tensors(method, config, _read_tensors(folder))
+    modules, router_tensors = _parse_tensors(method, config, _read_tensors(folder))
     rank = _check_against_base(name, method, modules, base, max_rank)
-    return AdapterWeights(name=name, method=method, rank=rank, modules=modules, source=str(folder))
+    routers = _check_routers(name, config, modules, router_tensors, base) if method == "milora" else {}
+    return AdapterWeights(name=name, method=method, rank=rank, modules=modules, source=str(folder), routers=routers)

@@ -3,6 +3,9 @@
 The scheduler asks for an adapter's slot with :meth:`AdapterStore.acquire`. A resident adapter is pinned for as long
 as a batch row uses it; a cold one is copied into a free (or least recently used, unpinned) slot by a background
 thread while the running batch keeps decoding, and its request waits in the queue until then.
+
+A MiLoRA adapter's experts go into the LoRA banks of their modules (each module learns its gate column in its
+transformer layer) and its routers into the :class:`~serving.layers.SlotRouter` of each layer, same slot index.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from typing import Iterable, Optional
 
 from torch import nn
 
-from ..layers import AdapterContext, SlotLinear, wrap_module
+from ..layers import AdapterContext, SlotLinear, SlotRouter, attach_router, expert_columns, wrap_module
 from ..types import AdapterError
-from .loader import AdapterWeights, load_adapter_folder
+from .loader import AdapterWeights, load_adapter_folder, split_layer_path
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +72,34 @@ class AdapterStore:
                 raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
         weights = load_adapter_folder(name, folder, self.model, self.max_rank)
         with self._lock:
+            if weights.method == "milora":
+                self._check_expert_columns(weights)
             for module_path in weights.modules:
                 wrap_module(self.model, module_path, self.context, self.num_slots, self.max_rank)
+            for layer_path in weights.routers:
+                router = attach_router(self.model, layer_path, self.context)
+                for module_path in weights.modules:
+                    layer, expert = split_layer_path(module_path)
+                    if layer == layer_path:
+                        self.model.get_submodule(module_path).gate_site = (layer_path, router.columns[expert])
             self._host[name] = weights
         logger.info("registered adapter %s (%s, rank %d) from %s", name, weights.method, weights.rank, folder)
         return weights
+
+    def _check_expert_columns(self, weights: AdapterWeights) -> None:
+        for layer_path, router in weights.routers.items():
+            known = self.context.routers.get(layer_path)
+            columns = known.experts if known is not None else expert_columns(self.model.get_submodule(layer_path))
+            unknown = sorted(set(router.experts) - set(columns))
+            if unknown:
+                raise AdapterError(
+                    f"adapter {weights.name!r}: MiLoRA experts {unknown} of {layer_path} are not linear modules of "
+                    f"that layer the server can adapt ({list(columns)})"
+                )
+
+    def router_counts(self) -> dict[str, int]:
+        """Prompts each MiLoRA router has routed: once per prompt, never per decoding step."""
+        return {path: router.prompts_routed for path, router in self.context.routers.items()}
 
     def unregister(self, name: str) -> None:
         """Forget an adapter; its slot is freed now, or when the last row using it finishes."""
@@ -160,10 +186,15 @@ class AdapterStore:
         if slot is not None:
             for layer in self._slot_layers():
                 layer.clear_slot(slot)
+            for router in self._routers():
+                router.clear_slot(slot)
             self._free.append(slot)
 
     def _slot_layers(self) -> list[SlotLinear]:
         return [m for m in self.model.modules() if isinstance(m, SlotLinear)]
+
+    def _routers(self) -> list[SlotRouter]:
+        return list(self.context.routers.values())
 
     def _load(self, name: str, slot: int) -> None:
         try:
@@ -176,6 +207,8 @@ class AdapterStore:
             paths = {id(self.model.get_submodule(p)): p for p in weights.modules}
             for layer in self._slot_layers():
                 layer.write_slot(slot, weights.modules.get(paths.get(id(layer), ""), {}))
+            for router in self._routers():
+                router.write_slot(slot, weights.routers.get(router.key))
             with self._lock:
                 self._resident[name] = slot
                 self.loads += 1

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from trainers.tiny_code_model import train_tokenizer
 
@@ -34,6 +34,35 @@ def tiny_causal_lm(seed: int = 0) -> GPTBigCodeForCausalLM:
     )  # fmt: skip
     torch.manual_seed(seed)
     return GPTBigCodeForCausalLM(cfg).eval()
+
+
+def tiny_llama_lm(seed: int = 0) -> LlamaForCausalLM:
+    """A tiny Llama over the same tokenizer (MiLoRA's default experts: q, k, v, o, gate, up, down)."""
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def save_milora_adapter(base, config, folder: Path, seed: int = 0, scale: float = 0.5, router_gain: float = 4.0):
+    """A MiLoRA adapter whose experts are far from zero and whose router really picks different experts per prompt.
+
+    Rational coefficients keep their GELU init (the bi-level training barely moves them).
+    """
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("milora_A.default", "milora_B.default")):
+                p.add_(torch.randn_like(p) * scale)
+            elif name.endswith(("milora_weight.default", "milora_query.default")):
+                p.mul_(router_gain)
+    model.save_pretrained(folder)
+    return folder
 
 
 def save_random_adapter(base, config, folder: Path, seed: int = 0, scale: float = 0.3) -> Path:
