@@ -33,15 +33,9 @@ import flora_hf
 from flora_hf import BASE_ADAPTER_NAME, FLoRAConfig
 
 from .code_corpus import DEFAULT_LANGUAGE_ORDER, LanguageCorpus, find_code_corpus
-from .tiny_code_model import (
-    REPO_ROOT,
-    StepProgress,
-    TinyCodeModelSpec,
-    language_blocks,
-    load_or_build_tiny_code_model,
-    mixed_batch,
-    warmup_cosine,
-)
+from .model_cache import REPO_ROOT
+from .step_loop import run_steps
+from .tiny_code_model import TinyCodeModelSpec, language_blocks, load_or_build_tiny_code_model, mixed_batch
 
 PROMPTS = {
     "python": "class Config:\n    def __init__(self, path):\n        self.",
@@ -92,23 +86,14 @@ def train_adapters_mixed(
     generator = torch.Generator().manual_seed(recipe.seed)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(recipe.warmup_steps, recipe.steps))
     batch_size = recipe.rows_per_language * len(blocks)
-    peft_model.train()
-    losses: list[float] = []
-    bar = StepProgress(recipe.steps, "train adapters (mixed batches)", progress)
-    for step in range(recipe.steps):
+
+    def step_loss(step: int) -> torch.Tensor:
         input_ids, names = mixed_batch(blocks, batch_size, step, generator)
-        loss = peft_model(input_ids=input_ids, labels=input_ids, adapter_names=names).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.update(losses[-1])
-    bar.close()
-    peft_model.eval()
-    return losses
+        return peft_model(input_ids=input_ids, labels=input_ids, adapter_names=names).loss
+
+    desc = "train adapters (mixed batches)"
+    return run_steps(peft_model, optimizer, step_loss, recipe.steps, recipe.warmup_steps, desc, progress)
 
 
 # ------------------------------------------------------------------------------------------------- evaluation

@@ -26,7 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .demo import PROMPTS
-from .tiny_code_model import REPO_ROOT, default_cache_dir
+from .model_cache import REPO_ROOT
+from .tiny_code_model import default_cache_dir
 
 
 def free_port() -> int:

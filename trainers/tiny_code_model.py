@@ -8,11 +8,6 @@ never evaluated on text it was trained on, and a second call loads in seconds.
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,15 +16,15 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers import trainers as bpe_trainers
-from tqdm.auto import tqdm
 from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM, PreTrainedTokenizerFast, set_seed
 
 from .code_corpus import LanguageCorpus, corpus_fingerprint, find_code_corpus, pack_blocks
+from .model_cache import cache_root, read_build_info, save_build
+from .step_loop import run_steps
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
-INFO_FILE = "build_info.json"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+CACHE_NAME = "tiny-code-model"
 
 
 @dataclass(frozen=True)
@@ -64,9 +59,7 @@ class CorpusInfo:
 
 def default_cache_dir() -> Path:
     """``$FLORA_HF_CACHE/tiny-code-model``, else ``<repo>/.cache/flora-hf/tiny-code-model`` (gitignored)."""
-    root = os.environ.get("FLORA_HF_CACHE")
-    base = Path(root).expanduser() if root else REPO_ROOT / ".cache" / "flora-hf"
-    return base / "tiny-code-model"
+    return cache_root() / CACHE_NAME
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
@@ -143,61 +136,20 @@ def mixed_batch(
     return torch.stack(rows), names
 
 
-class StepProgress:
-    """A tqdm bar on a terminal; in logs (CI, redirected output) one line per tenth of the run instead of a bar."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
-        self.total, self.desc, self.step = total, desc, 0
-        self.tty = enabled and sys.stderr.isatty()
-        self.enabled = enabled
-        self.bar = tqdm(total=total, desc=desc, leave=False) if self.tty else None
-
-    def update(self, loss: float) -> None:
-        self.step += 1
-        if self.bar is not None:
-            self.bar.update()
-            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        elif self.enabled and (self.step % max(1, self.total // 10) == 0 or self.step == self.total):
-            print(f"{self.desc}: step {self.step}/{self.total} loss {loss:.3f}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def pretrain(
     model: GPTBigCodeForCausalLM, blocks: Mapping[str, torch.Tensor], spec: TinyCodeModelSpec, progress: bool = True
 ) -> list[float]:
     """Plain AdamW loop on language-balanced batches; returns the loss every step."""
     generator = torch.Generator().manual_seed(spec.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(spec.warmup_steps, spec.pretrain_steps))
-    model.train()
-    losses: list[float] = []
-    bar = StepProgress(spec.pretrain_steps, "pretrain tiny code model", progress)
-    for step in range(spec.pretrain_steps):
+
+    def step_loss(step: int) -> torch.Tensor:
         input_ids, _ = mixed_batch(blocks, spec.batch_size, step, generator)
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.update(losses[-1])
-    bar.close()
-    model.eval()
-    return losses
+        return model(input_ids=input_ids, labels=input_ids).loss
+
+    return run_steps(
+        model, optimizer, step_loss, spec.pretrain_steps, spec.warmup_steps, "pretrain tiny code model", progress, 1.0
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- cache
@@ -214,9 +166,10 @@ def _corpus_stats(corpus: Mapping[str, LanguageCorpus]) -> dict[str, dict[str, i
 
 
 def _read_info(cache_dir: Path) -> Optional[CorpusInfo]:
+    info = read_build_info(cache_dir)
     try:
-        return CorpusInfo(**json.loads((cache_dir / INFO_FILE).read_text()))
-    except (OSError, ValueError, TypeError):
+        return CorpusInfo(**info) if info is not None else None
+    except TypeError:  # a record with other fields (an older build): rebuild
         return None
 
 
@@ -243,17 +196,7 @@ def build_tiny_code_model(
         pretrain_loss=[round(x, 4) for x in losses],
         build_seconds=round(time.perf_counter() - start, 2),
     )
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = cache_dir.with_name(f".{cache_dir.name}.building-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / INFO_FILE).write_text(json.dumps(asdict(info), indent=1))
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    try:
-        os.replace(staging, cache_dir)
-    except OSError:  # another process finished the same build first; its folder is as good as ours
-        shutil.rmtree(staging, ignore_errors=True)
+    save_build(cache_dir, [model, tokenizer], asdict(info))
     return model, tokenizer, info
 
 

@@ -12,8 +12,6 @@ keyed by everything that determines them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import shutil
@@ -29,10 +27,10 @@ from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneratio
 from .data.speech import WhisperSeq2SeqCollator, build_mixed_speech_dataset
 from .data.synth_speech import SENTENCES, make_common_voice_folder
 from .data.tiny_whisper import build_tiny_whisper_tokenizer, tiny_whisper_config, tiny_whisper_generation_config
+from .model_cache import cache_root, fingerprint, read_build_info, save_build, staged_folder
 from .recipe_data import CachedItems
-from .tiny_code_model import REPO_ROOT, StepProgress, warmup_cosine
+from .step_loop import epochs, run_steps
 
-INFO_FILE = "build_info.json"
 SYNTH_VERSION = 2
 """Bump when the synthetic folders' layout changes, so caches are rebuilt."""
 
@@ -83,16 +81,6 @@ class TinyWhisperBuild:
     from_cache: bool = False
 
 
-def cache_root() -> Path:
-    """``$FLORA_HF_CACHE``, else ``<repo>/.cache/flora-hf`` (gitignored), as the tiny code model's cache."""
-    root = os.environ.get("FLORA_HF_CACHE")
-    return Path(root).expanduser() if root else REPO_ROOT / ".cache" / "flora-hf"
-
-
-def _key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 # ----------------------------------------------------------------------------------------------------- data
 _PUNCTUATION = ".,?!\"'।:;"
 
@@ -141,28 +129,25 @@ def synthetic_speech_folder(
     """A Common Voice-shaped folder of espeak-ng speech in ``language`` (train/dev/test.tsv, clips/), cached."""
     spec = spec or SyntheticSpeechSpec()
     base = Path(root) if root is not None else cache_root() / "synth-speech"
-    folder = base / f"{language}-{_key(SYNTH_VERSION, asdict(spec))}"
+    folder = base / f"{language}-{fingerprint(SYNTH_VERSION, asdict(spec))}"
     if (folder / "test.tsv").is_file():
         return folder
-    staging = folder.with_name(f".{folder.name}.building-{os.getpid()}")
-    extra = folder.with_name(f".{folder.name}.extra-{os.getpid()}")
-    for path in (staging, extra):
-        shutil.rmtree(path, ignore_errors=True)
-    make_common_voice_folder(
-        staging,
-        language,
-        dev_size=spec.dev_size,
-        test_size=spec.test_size,
-        train_repeats=spec.train_repeats,
-        seed=spec.seed,
-    )
-    if spec.train_sentences:
-        sentences = pseudo_sentences(language, spec.train_sentences, spec.seed + 1)
-        make_common_voice_folder(extra, language, sentences, dev_size=0, test_size=0, seed=spec.seed + 1)
-        _append_train_rows(staging, extra, "x")
-        shutil.rmtree(extra, ignore_errors=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
+    with staged_folder(folder) as staging:
+        make_common_voice_folder(
+            staging,
+            language,
+            dev_size=spec.dev_size,
+            test_size=spec.test_size,
+            train_repeats=spec.train_repeats,
+            seed=spec.seed,
+        )
+        if spec.train_sentences:
+            extra = folder.with_name(f".{folder.name}.extra-{os.getpid()}")
+            shutil.rmtree(extra, ignore_errors=True)
+            sentences = pseudo_sentences(language, spec.train_sentences, spec.seed + 1)
+            make_common_voice_folder(extra, language, sentences, dev_size=0, test_size=0, seed=spec.seed + 1)
+            _append_train_rows(staging, extra, "x")
+            shutil.rmtree(extra, ignore_errors=True)
     return folder
 
 
@@ -170,15 +155,12 @@ def pretraining_speech_folder(language: str, sentences: int, seed: int, root: Un
     """Speech the tiny Whisper is pretrained on: only pseudo-sentences (another seed than the fine-tuning ones), so
     neither the fine-tuning data nor the real dev/test sentences are seen in pretraining."""
     base = Path(root) if root is not None else cache_root() / "synth-speech"
-    folder = base / f"pretrain-{language}-{_key(SYNTH_VERSION, sentences, seed)}"
+    folder = base / f"pretrain-{language}-{fingerprint(SYNTH_VERSION, sentences, seed)}"
     if (folder / "train.tsv").is_file():
         return folder
-    staging = folder.with_name(f".{folder.name}.building-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    texts = pseudo_sentences(language, sentences, seed + 2)
-    make_common_voice_folder(staging, language, texts, dev_size=0, test_size=0, seed=seed + 2)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
+    with staged_folder(folder) as staging:
+        texts = pseudo_sentences(language, sentences, seed + 2)
+        make_common_voice_folder(staging, language, texts, dev_size=0, test_size=0, seed=seed + 2)
     return folder
 
 
@@ -229,29 +211,19 @@ def pretrain_tiny_whisper(
     generator = torch.Generator().manual_seed(spec.seed)
     loader = DataLoader(data, batch_size=spec.batch_size, shuffle=True, collate_fn=collate, generator=generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(spec.warmup_steps, spec.pretrain_steps))
-    model.train()
-    losses: list[float] = []
-    bar = StepProgress(spec.pretrain_steps, "pretrain tiny Whisper", progress)
-    while len(losses) < spec.pretrain_steps:
-        for batch in loader:
-            loss = model(input_features=batch["input_features"], labels=batch["labels"]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.update(losses[-1])
-            if len(losses) >= spec.pretrain_steps:
-                break
-    bar.close()
-    model.eval()
-    return losses
+    batches = epochs(loader)
+
+    def step_loss(step: int) -> torch.Tensor:
+        batch = next(batches)
+        return model(input_features=batch["input_features"], labels=batch["labels"]).loss
+
+    return run_steps(
+        model, optimizer, step_loss, spec.pretrain_steps, spec.warmup_steps, "pretrain tiny Whisper", progress, 1.0
+    )
 
 
 def default_model_dir(spec: TinyWhisperSpec) -> Path:
-    return cache_root() / f"tiny-whisper-{_key(asdict(spec), SYNTH_VERSION)}"
+    return cache_root() / f"tiny-whisper-{fingerprint(asdict(spec), SYNTH_VERSION)}"
 
 
 def load_or_build_tiny_whisper(
@@ -264,13 +236,13 @@ def load_or_build_tiny_whisper(
     folder loads like a hub checkpoint (``WhisperForConditionalGeneration.from_pretrained``)."""
     spec = spec or TinyWhisperSpec()
     folder = Path(cache_dir) if cache_dir is not None else default_model_dir(spec)
-    info_path = folder / INFO_FILE
-    if not rebuild and info_path.is_file():
+    cached = None if rebuild else read_build_info(folder)
+    if cached is not None:
         model = WhisperForConditionalGeneration.from_pretrained(folder)
         tokenizer = WhisperTokenizer.from_pretrained(folder)
         features = WhisperFeatureExtractor.from_pretrained(folder)
         model.eval()
-        return TinyWhisperBuild(model, tokenizer, features, folder, json.loads(info_path.read_text()), True)
+        return TinyWhisperBuild(model, tokenizer, features, folder, cached, True)
     start = time.perf_counter()
     set_seed(spec.seed)
     random.seed(spec.seed)
@@ -283,15 +255,7 @@ def load_or_build_tiny_whisper(
         "pretrain_loss": [round(x, 4) for x in losses],
         "build_seconds": round(time.perf_counter() - start, 2),
     }
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(f".{folder.name}.building-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    features.save_pretrained(staging)
-    (staging / INFO_FILE).write_text(json.dumps(info, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
+    save_build(folder, [model, tokenizer, features], info)
     model.name_or_path = str(folder)
     model.config._name_or_path = str(folder)
     return TinyWhisperBuild(model, tokenizer, features, folder, info, False)

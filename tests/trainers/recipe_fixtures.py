@@ -95,46 +95,32 @@ def speech_assets(factory: pytest.TempPathFactory) -> dict[str, Path]:
     return _once("speech", factory, build)
 
 
-def code_overrides(assets: dict[str, Path], output_dir: Path, **extra: Any) -> dict[str, Any]:
-    """The tiny-code recipe on the test model and folders, small enough for a few-second run."""
-    values = {
+def _overrides(assets: dict[str, Path], output_dir: Path, lang: str, **values: Any) -> dict[str, Any]:
+    """What every tiny test run shares: the test model and data, 6 steps, evaluation and checkpoints every 3."""
+    return {
         "MODEL": str(assets["model"]),
         "DATA": str(assets["data"]),
-        "LANG": "alpha",
+        "LANG": lang,
         "OUTPUT_DIR": str(output_dir),
         "MAX_STEPS": 6,
-        "BATCH_SIZE": 4,
-        "block_size": 32,
-        "eval_fraction": 0.2,
         "eval_steps": 3,
         "save_steps": 3,
         "logging_steps": 1,
         "warmup_steps": 0,
-        "max_eval_examples": 8,
         "learning_rates": {"flora": 5e-2, "lora": 1e-2, "ia3": 5e-2},
+        **values,
     }
-    values.update(extra)
-    return values
+
+
+def code_overrides(assets: dict[str, Path], output_dir: Path, **extra: Any) -> dict[str, Any]:
+    """The tiny-code recipe on the test model and folders, small enough for a few-second run."""
+    values = {"BATCH_SIZE": 4, "block_size": 32, "eval_fraction": 0.2, "max_eval_examples": 8}
+    return _overrides(assets, output_dir, "alpha", **{**values, **extra})
 
 
 def speech_overrides(assets: dict[str, Path], output_dir: Path, **extra: Any) -> dict[str, Any]:
-    values = {
-        "MODEL": str(assets["model"]),
-        "DATA": str(assets["data"]),
-        "LANG": "mr",
-        "OUTPUT_DIR": str(output_dir),
-        "MAX_STEPS": 6,
-        "BATCH_SIZE": 3,
-        "eval_steps": 3,
-        "save_steps": 3,
-        "logging_steps": 1,
-        "warmup_steps": 0,
-        "max_label_tokens": 40,
-        "generation_max_length": 12,
-        "learning_rates": {"flora": 5e-2, "lora": 1e-2, "ia3": 5e-2},
-    }
-    values.update(extra)
-    return values
+    values = {"BATCH_SIZE": 3, "max_label_tokens": 40, "generation_max_length": 12}
+    return _overrides(assets, output_dir, "mr", **{**values, **extra})
 
 
 def cli_args(recipe: str, overrides: dict[str, Any]) -> list[str]:
