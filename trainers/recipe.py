@@ -18,8 +18,24 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 TASKS = ("code", "speech")
-METHODS = ("flora", "lora", "ia3")
-"""Methods a recipe can train; MiLoRA joins once it exists."""
+METHODS = ("flora", "lora", "ia3", "milora")
+"""Methods a recipe can train."""
+MULTI_ADAPTER_METHODS = ("flora", "milora")
+"""Methods whose adapters can be mixed in one training batch (one adapter per example)."""
+MILORA_KEYS = (
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "top_k",
+    "pooler",
+    "rational_degrees",
+    "rational_form",
+    "load_balance_coef",
+    "rational_lr",
+    "routing_prefix",
+    "target_modules",
+)
+"""Keys of a recipe's ``milora:`` mapping: :class:`flora_hf.MiLoRAConfig` fields (see its help)."""
 SCALES = ("full", "tiny")
 
 OVERRIDE_KEYS = {
@@ -63,6 +79,10 @@ class Recipe:
     lora_dropout: float = 0.0
     learning_rates: dict[str, float] = field(default_factory=dict)
     lr: Optional[float] = None  # overrides learning_rates[method]
+    # MiLoRA's own settings (MiLoRAConfig fields): its experts are on MiLoRA's per-model module types unless this
+    # mapping names target_modules; the top-level target_modules/rank/lora_alpha are the other methods'. `r`
+    # defaults to the recipe's rank; RANK= on the command line replaces it.
+    milora: dict[str, Any] = field(default_factory=dict)
 
     max_steps: int = 100
     batch_size: int = 8
@@ -115,8 +135,6 @@ class Recipe:
             raise RecipeError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.scale not in SCALES:
             raise RecipeError(f"scale must be one of {SCALES}, got {self.scale!r}")
-        if self.method == "milora":
-            raise RecipeError("METHOD=milora is not available yet; use flora, lora or ia3")
         if self.method not in METHODS:
             raise RecipeError(f"method must be one of {METHODS}, got {self.method!r}")
         if not self.languages:
@@ -127,12 +145,15 @@ class Recipe:
             raise RecipeError(f"ranks must be >= 1, got rank={self.rank}, rank_overrides={self.rank_overrides}")
         if self.lr is None and self.method not in self.learning_rates:
             raise RecipeError(f"no learning rate for {self.method}: add it to learning_rates or pass LR=")
-        if self.multi_adapter and self.method != "flora":
+        if self.multi_adapter and self.method not in MULTI_ADAPTER_METHODS:
             raise RecipeError(
                 f"one run with several languages ({', '.join(self.languages)}) routes every example to its own "
-                f"adapter, which only FLoRA supports in training (PEFT's {self.method} cannot mix adapters in a "
-                "batch); use METHOD=flora, or train one language per run"
+                f"adapter, which only FLoRA and MiLoRA support in training (PEFT's {self.method} cannot mix adapters "
+                "in a batch); use METHOD=flora or milora, or train one language per run"
             )
+        unknown = sorted(set(self.milora) - set(MILORA_KEYS))
+        if unknown:
+            raise RecipeError(f"milora: unknown key(s) {unknown}; known keys: {list(MILORA_KEYS)}")
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps"):
             if getattr(self, key) < 1:
                 raise RecipeError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -213,6 +234,17 @@ class Recipe:
                 target_modules=targets,
                 task_type=task_type,
             )
+        if self.method == "milora":
+            from flora_hf import MiLoRAConfig
+
+            options = dict(self.milora)
+            options.setdefault("r", self.rank_for(language))
+            if options.get("rational_degrees") is not None:
+                options["rational_degrees"] = tuple(options["rational_degrees"])
+            try:
+                return MiLoRAConfig(**options, task_type=task_type)
+            except (TypeError, ValueError) as err:
+                raise RecipeError(f"milora: {err}") from err
         feedforward = ia3_feedforward(targets or [], self.ia3_feedforward_modules)
         return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type=task_type)
 
@@ -289,6 +321,8 @@ def _coerce(key: str, value: Any) -> Any:
             return {str(k): float(v) for k, v in dict(value).items()}
         if key == "rank_overrides":
             return {str(k).lower(): int(v) for k, v in dict(value).items()}
+        if key == "milora":
+            return {str(k): v for k, v in dict(value).items()}
         if key in ("target_modules", "ia3_feedforward_modules"):
             return split_languages(value)
         return str(value)
@@ -304,7 +338,7 @@ def recipe_from_dict(values: Mapping[str, Any]) -> Recipe:
     kwargs = {}
     for key, value in values.items():
         coerced = _coerce(key, value)
-        if coerced is None and key in ("languages", "learning_rates", "rank_overrides"):
+        if coerced is None and key in ("languages", "learning_rates", "rank_overrides", "milora"):
             continue
         kwargs[key] = coerced
     return Recipe(**kwargs)
@@ -312,7 +346,8 @@ def recipe_from_dict(values: Mapping[str, Any]) -> Recipe:
 
 def _merged(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` with ``overrides`` (make names or recipe keys) applied; None and empty overrides are ignored.
-    ``RANK`` sets every language's rank, the recipe's per-language ranks included."""
+    ``RANK`` sets every language's rank, the recipe's per-language ranks and MiLoRA's ``r`` included; a ``milora``
+    override updates the recipe's mapping key by key."""
     merged = dict(values)
     for raw_key, raw_value in overrides.items():
         key = OVERRIDE_KEYS.get(raw_key, raw_key)
@@ -321,9 +356,12 @@ def _merged(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str
         value = _coerce(key, raw_value)
         if value is None or value == []:
             continue
+        if key == "milora":
+            value = {**dict(merged.get("milora") or {}), **value}
         merged[key] = value
         if key == "rank":
             merged["rank_overrides"] = {}
+            merged["milora"] = {k: v for k, v in dict(merged.get("milora") or {}).items() if k != "r"}
     return merged
 
 

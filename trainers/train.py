@@ -1,6 +1,7 @@
-"""``flora-train``: fine-tune FLoRA, LoRA or IA3 adapters per language with a recipe from ``configs/``.
+"""``flora-train``: fine-tune FLoRA, LoRA, IA3 or MiLoRA adapters per language with a recipe from ``configs/``.
 
     flora-train --recipe starcoder --lang perl --method lora
+    flora-train --recipe starcoder --lang perl --method milora    # bi-level: rational coefficients on the dev split
     flora-train --recipe starcoder --langs perl,ruby,lua          # one run, one FLoRA adapter per language
     flora-train --recipe whisper --lang mr --data path/to/cv-corpus/mr --deepspeed configs/ds_zero2.json
     flora-train --recipe tiny-code --lang perl                    # offline, on a CPU, in a minute
@@ -9,7 +10,8 @@ HF ``Trainer`` (code) or ``Seq2SeqTrainer`` (speech) does the loop, checkpoints 
 mixed precision, accelerate and DeepSpeed. A run with several languages routes each example to its language's
 adapter (``adapter_names``) and trains every adapter in the same optimizer steps. The output folder holds one PEFT
 adapter folder per language (``<output>/<language>/``, ready for ``flora-serve``), ``loss.png``, ``recipe.yaml``
-and ``train_summary.json``.
+and ``train_summary.json``. MiLoRA runs add the load-balancing loss and train the routers' rational activations on
+the validation split with their own optimizer (:mod:`trainers.bilevel`).
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .base_models import LoadedBase, ModelUnavailable, hub_reachable, load_base, model_problem
+from .bilevel import MiLoRATrainerMixin, validation_dataset
 from .launch import LaunchError, build_launch_command, check_launcher, launch_env, needs_launch, read_deepspeed_config
 from .recipe import Recipe, RecipeError, load_recipe
 from .recipe_data import RecipeData, build_data
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_PARAM_PREFIXES = ("flora_", "lora_", "ia3_")
+ADAPTER_PARAM_PREFIXES = ("flora_", "lora_", "ia3_", "milora_")
 """PEFT parameter names hold ``<prefix...>.<adapter name>``: how parameters are grouped per adapter."""
 
 
@@ -138,10 +141,10 @@ class AdapterTrainerMixin:
 def trainer_classes() -> tuple[type, type]:
     from transformers import Seq2SeqTrainer, Trainer
 
-    class AdapterTrainer(AdapterTrainerMixin, Trainer):
+    class AdapterTrainer(MiLoRATrainerMixin, AdapterTrainerMixin, Trainer):
         """HF Trainer for per-language adapters (code)."""
 
-    class AdapterSeq2SeqTrainer(AdapterTrainerMixin, Seq2SeqTrainer):
+    class AdapterSeq2SeqTrainer(MiLoRATrainerMixin, AdapterTrainerMixin, Seq2SeqTrainer):
         """HF Seq2SeqTrainer for per-language adapters (speech)."""
 
     return AdapterTrainer, AdapterSeq2SeqTrainer
@@ -215,6 +218,9 @@ def make_trainer(
         processing_class=base.tokenizer,
     )
     trainer.flora_recipe = recipe
+    line = trainer.setup_milora(recipe.adapter_names, validation_dataset(data.eval), data.collator)
+    if line is not None:
+        data.summary.append(line)
     return trainer
 
 
@@ -402,9 +408,15 @@ def preflight(recipe: Recipe, allow_cpu: bool = False, reachable: Optional[bool]
             problems.append(f"{lang} data folder {source} does not exist")
     if recipe.deepspeed:
         try:
-            read_deepspeed_config(recipe.deepspeed)
+            ds_config = read_deepspeed_config(recipe.deepspeed)
         except LaunchError as err:
             problems.append(str(err))
+        else:
+            if recipe.method == "milora" and ds_config["zero_optimization"].get("stage") == 3:
+                problems.append(
+                    "MiLoRA's bi-level step differentiates the rational coefficients outside DeepSpeed's engine, "
+                    "which ZeRO-3's partitioned parameters do not allow; use configs/ds_zero2.json"
+                )
     return problems
 
 
@@ -422,7 +434,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--data", help="folder, hub id, or lang=folder,... (DATA)")
     p.add_argument("--lang", help="one language (LANG)")
     p.add_argument("--langs", help="comma-separated languages, one adapter each, mixed batches (LANGS)")
-    p.add_argument("--method", help="flora | lora | ia3 (METHOD)")
+    p.add_argument("--method", help="flora | lora | ia3 | milora (METHOD)")
     p.add_argument("--rank", help="adapter rank for every language (RANK)")
     p.add_argument("--lr", help="learning rate (LR)")
     p.add_argument("--batch-size", help="per-device batch size (BATCH_SIZE)")

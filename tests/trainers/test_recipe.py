@@ -25,7 +25,7 @@ def test_every_recipe_in_configs_loads() -> None:
 def test_starcoder_recipe_carries_the_papers_settings() -> None:
     r = load_recipe("starcoder")
     assert (r.task, r.scale, r.max_steps, r.batch_size) == ("code", "full", 1500, 8)
-    assert r.learning_rates == {"flora": 8e-3, "lora": 1e-4, "ia3": 5e-3}
+    assert r.learning_rates == {"flora": 8e-3, "lora": 1e-4, "ia3": 5e-3, "milora": 1e-4}  # MiLoRA: its paper
     assert r.model.startswith("bigcode/starcoder") and r.load_in_8bit
     assert r.target_modules == ["c_attn"]
     assert [r.rank_for(lang) for lang in ("perl", "ruby", "lua", "racket", "rkt")] == [1, 1, 4, 4, 4]
@@ -34,7 +34,7 @@ def test_starcoder_recipe_carries_the_papers_settings() -> None:
 def test_whisper_recipe_carries_the_papers_settings() -> None:
     r = load_recipe("whisper")
     assert (r.task, r.max_steps, r.batch_size, r.model) == ("speech", 5000, 6, "openai/whisper-large")
-    assert r.learning_rates == {"flora": 6e-3, "lora": 2e-4, "ia3": 4e-3}
+    assert r.learning_rates == {"flora": 6e-3, "lora": 2e-4, "ia3": 4e-3, "milora": 1e-4}
     assert set(r.target_modules) == WHISPER_FC and r.load_in_8bit
     assert (r.rank_for("mr"), r.rank_for("hi"), r.rank_for("ar")) == (4, 1, 1)
 
@@ -59,9 +59,9 @@ def test_make_style_overrides() -> None:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"METHOD": "milora"}, "not available yet"),
+        ({"METHOD": "milora", "milora": {"rank": 4}}, "milora: unknown key"),
         ({"METHOD": "adalora"}, "method must be one of"),
-        ({"LANGS": "perl,ruby", "METHOD": "lora"}, "only FLoRA supports"),
+        ({"LANGS": "perl,ruby", "METHOD": "lora"}, "only FLoRA and MiLoRA support"),
         ({"LANGS": "perl,perl"}, "listed twice"),
         ({"RANK": "0"}, "ranks must be >= 1"),
         ({"MAX_STEPS": "ten"}, "max_steps"),
