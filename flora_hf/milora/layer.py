@@ -70,6 +70,14 @@ class MiLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
     def adapter_names_in_layer(self) -> set[str]:
         return set(self.milora_A.keys())
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        # transformers' delete_adapter skips modules whose name holds the method prefix, so it never reaches
+        # ``layer.milora_router`` itself: the experts take their router along.
+        router = self.slot.router
+        if router is not None and adapter_name in router.milora_weight:
+            router.delete_adapter(adapter_name)
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise ValueError("MiLoRA cannot be merged: which experts apply depends on each prompt's routing")
 

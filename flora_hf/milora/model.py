@@ -18,7 +18,7 @@ from .config import (
     MiLoRAConfig,
 )
 from .layer import Linear, MiLoRALayer
-from .router import GateSlot, MiLoRARouter, RoutingRuntime, route_before_layer
+from .router import GateSlot, MiLoRARouter, RoutingRuntime, attach_gates_to_cache, route_before_layer
 
 _LAYER_KEY = re.compile(r"^(.*?\.\d+)\.(.+)$")
 """``<layer list>.<index>`` then the module path inside the transformer layer (the expert's name)."""
@@ -161,6 +161,7 @@ class MiLoRAModel(BaseTuner):
                 is_encoder = ".encoder." in f".{layer_key}."
                 router = MiLoRARouter(layer_key, hidden, runtime, is_encoder)
                 router.slot = pending.pop(layer_key, router.slot)
+                router.slot.router = router
                 setattr(layer, ROUTER_ATTR, router)
                 router._hook = layer.register_forward_pre_hook(route_before_layer, with_kwargs=True)
             device = next((p.device for p in layer.parameters() if p.device.type != "meta"), torch.device("cpu"))
@@ -174,9 +175,16 @@ class MiLoRAModel(BaseTuner):
                 device=device,
                 inference_mode=config.inference_mode,
             )
-            if adapter_name not in self.active_adapters:
-                router.requires_grad_(False)
+        # As BaseTuner.inject_adapter does for the experts: routers follow the tuner's active adapters (a new router
+        # would otherwise start on PEFT's placeholder "default" and route for no adapter at all).
+        for router in self.routers():
+            router.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self.__dict__["_new_experts"] = {}
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        for router in self.routers():  # not MiLoRALayer instances, so PEFT's set_adapter skips them
+            router.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def routers(self) -> list[MiLoRARouter]:
         return [m for m in self.model.modules() if isinstance(m, MiLoRARouter)]
@@ -214,7 +222,10 @@ def install_routing_hooks(model: nn.Module, config: MiLoRAConfig) -> RoutingRunt
     model_type = getattr(model.config, "model_type", "")
     prefix = config.routing_prefix or ROUTING_PREFIX_BY_MODEL_TYPE.get(model_type, DEFAULT_ROUTING_PREFIX)
 
+    # The hooks look the runtime up on the module they run for, rather than closing over it: copy.deepcopy(model)
+    # shares hook functions between the copies but gives the copy's routers their own runtime.
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        runtime = getattr(module, RUNTIME_ATTR)
         cache = kwargs.get("past_key_values")
         runtime.in_model_call = True
         runtime.cache = cache
@@ -228,7 +239,13 @@ def install_routing_hooks(model: nn.Module, config: MiLoRAConfig) -> RoutingRunt
         runtime.prompt_mask, runtime.encoder_mask = mask, encoder_mask
 
     def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        runtime = getattr(module, RUNTIME_ATTR)
         runtime.in_model_call = False
+        created = output.get("past_key_values") if isinstance(output, dict) else None
+        if runtime.cache is None and runtime.local_gates and hasattr(created, "get_seq_length"):
+            # A prefill without a cache passed in (a hand-written decoding loop: model(ids, use_cache=True)) made
+            # its cache inside the model: the gates go with it, so the next step can reuse them.
+            attach_gates_to_cache(created, runtime.local_gates)
         losses, runtime.balance_losses = runtime.balance_losses, []
         if losses and isinstance(output, dict):
             output["load_balance_loss"] = torch.stack(losses).mean()

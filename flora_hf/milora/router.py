@@ -31,6 +31,7 @@ class GateSlot:
 
     columns: dict[str, int] = field(default_factory=dict)
     current: Optional[GatesByAdapter] = None
+    router: Optional[MiLoRARouter] = field(default=None, repr=False, compare=False)
 
 
 @dataclass

@@ -1,0 +1,12 @@
+"""Tiny models run fastest on one thread, above all on a shared CPU."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
