@@ -40,7 +40,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 RATIONAL_PARAM_KEYS = ("milora_num", "milora_den")
-"""Parameter-name parts of Θ: ``...milora_router.milora_num.<adapter>``."""
+"""Parameter-name parts of Θ: ``...prompt_router.milora_num.<adapter>``."""
 RATIONAL_STATE_NAME = "rational_optimizer.pt"
 """Θ's optimizer, schedule and step count, in each checkpoint folder."""
 

@@ -73,7 +73,7 @@ class MiLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         # transformers' delete_adapter skips modules whose name holds the method prefix, so it never reaches
-        # ``layer.milora_router`` itself: the experts take their router along.
+        # ``layer.prompt_router`` itself: the experts take their router along.
         router = self.slot.router
         if router is not None and adapter_name in router.milora_weight:
             router.delete_adapter(adapter_name)

@@ -22,7 +22,7 @@ from .router import GateSlot, MiLoRARouter, RoutingRuntime, attach_gates_to_cach
 
 _LAYER_KEY = re.compile(r"^(.*?\.\d+)\.(.+)$")
 """``<layer list>.<index>`` then the module path inside the transformer layer (the expert's name)."""
-ROUTER_ATTR = "milora_router"
+ROUTER_ATTR = "prompt_router"
 RUNTIME_ATTR = "_milora_runtime"
 
 
@@ -91,7 +91,7 @@ class MiLoRAModel(BaseTuner):
     """Injects MiLoRA (prompt-aware mixture of LoRA experts, routed once per prompt) into a transformers model.
 
     Each targeted module becomes an expert (:class:`~flora_hf.milora.layer.Linear`); each transformer layer holding
-    experts gets a :class:`~flora_hf.milora.router.MiLoRARouter` (``layer.milora_router``), run by a forward pre-hook.
+    experts gets a :class:`~flora_hf.milora.router.MiLoRARouter` (``layer.prompt_router``), run by a forward pre-hook.
     Hooks on the model's own forward decide, per call, whether it is a prefill (route) or a decoding step with a KV
     cache (reuse), and attach the load-balancing loss to the output as ``load_balance_loss`` in training.
     Per-example adapters (``adapter_names=[...]``) work as for FLoRA, MiLoRA rows mixed with base rows.

@@ -1,6 +1,6 @@
 """MiLoRA's per-layer router and the once-per-prompt routing state it shares with its experts.
 
-A :class:`MiLoRARouter` is attached to each transformer layer (``layer.milora_router``) and runs from a forward
+A :class:`MiLoRARouter` is attached to each transformer layer (``layer.prompt_router``) and runs from a forward
 pre-hook on that layer: at prefill it pools the prompt, routes, and stores the gates; at decode it hands back the
 stored gates. The gates of causal (decoder) layers are stored on the KV cache object, so they live exactly as
 long as the cache and follow it through beam reordering; encoder layers re-route on every call (an encoder sees
@@ -232,4 +232,4 @@ class MiLoRARouter(nn.Module, BaseTunerLayer, PerExampleAdapterLayer):
 def route_before_layer(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
     """Forward pre-hook of a transformer layer: run its router on the layer's input hidden states."""
     hidden = args[0] if args else kwargs["hidden_states"]
-    layer.milora_router(hidden)
+    layer.prompt_router(hidden)

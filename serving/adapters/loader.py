@@ -152,8 +152,8 @@ def _parse_tensors(
     for key, tensor in tensors.items():
         if method == "milora":
             stem, _, leaf = key.rpartition(".")
-            if stem.endswith(".milora_router") and leaf in _ROUTER_PARTS:
-                layer = _module_path(stem, ".milora_router")
+            if stem.endswith(".prompt_router") and leaf in _ROUTER_PARTS:
+                layer = _module_path(stem, ".prompt_router")
                 routers.setdefault(layer, {})[_ROUTER_PARTS[leaf]] = tensor.float()
                 continue
             if leaf in ("milora_A", "milora_B"):
@@ -297,7 +297,7 @@ def _check_routers(
                     f"{where}: milora_{part} has shape {tuple(tensor.shape)}, expected {shapes[part]}{detail}"
                 )
             if not torch.isfinite(tensor).all():
-                raise AdapterError(f"adapter {name!r} has NaN or infinite values in {layer}.milora_router.{part}")
+                raise AdapterError(f"adapter {name!r} has NaN or infinite values in {layer}.prompt_router.{part}")
         routers[layer] = RouterWeights(
             experts=names,
             weight=parts["weight"],

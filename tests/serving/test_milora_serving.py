@@ -298,7 +298,7 @@ def _corrupt(src: Path, dst: Path, tensors=None, config=None) -> Path:
 
 
 def test_corrupt_milora_adapters_are_refused_while_serving_continues(adapter_dir, tmp_path) -> None:
-    router = "base_model.model.transformer.h.1.milora_router"
+    router = "base_model.model.transformer.h.1.prompt_router"
     src = adapter_dir / "math"
 
     def drop_router(t):
@@ -316,8 +316,8 @@ def test_corrupt_milora_adapters_are_refused_while_serving_continues(adapter_dir
     }
     messages = {
         "shape": r"milora_weight has shape \(3, 32\), expected \(4, 32\) \(4 experts",
-        "nan": "NaN or infinite values in transformer.h.1.milora_router.num",
-        "inf": "NaN or infinite values in transformer.h.1.milora_router.query",
+        "nan": "NaN or infinite values in transformer.h.1.prompt_router.num",
+        "inf": "NaN or infinite values in transformer.h.1.prompt_router.query",
         "no-router": r"needs exactly one router; layers without a router: \['transformer.h.1'\]",
         "pooler": "unknown pooler 'median'",
         "query": "milora_query must be present exactly when the pooler is 'attention'",

@@ -188,7 +188,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _theta_key(key: str) -> bool:
-    """Saved weights drop the adapter name: ``...milora_router.milora_num``."""
+    """Saved weights drop the adapter name: ``...prompt_router.milora_num``."""
     return key.endswith((".milora_num", ".milora_den"))
 
 
