@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .base_models import LoadedBase, ModelUnavailable, load_base, model_problem
+from .base_models import LoadedBase, ModelUnavailable, hub_reachable, load_base, model_problem
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, split_languages
 
 DEFAULT_RECIPES = {"code": "starcoder", "speech": "whisper"}
@@ -241,13 +242,68 @@ def default_out(args: argparse.Namespace, adapters: dict[str, Path], languages: 
     return folder / f"eval-{args.task}-{'-'.join(languages)}.json"
 
 
+def use_hub_cache_only() -> None:
+    """No hub here: ``datasets`` and ``huggingface_hub`` read their caches only, so data never downloaded fails at
+    once instead of after a minute of retries (the modules read these settings at import; patch them if imported)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for module, names in (
+        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+        ("datasets.config", ("HF_HUB_OFFLINE",)),
+    ):
+        loaded = sys.modules.get(module)
+        for name in names if loaded is not None else ():
+            setattr(loaded, name, True)
+
+
+def context_length(model: Any) -> Optional[int]:
+    """The model's position limit (GPTBigCode ``n_positions``, others ``max_position_embeddings``), if it has one."""
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_new_tokens(requested: int, limit: Optional[int], prompt_lengths: Sequence[int]) -> int:
+    """``requested`` new tokens, or fewer so that the longest prompt plus its completion fits ``limit`` positions
+    (generating past them is an index error on models with learned positions, such as the tiny code model)."""
+    if limit is None or not prompt_lengths:
+        return requested
+    room = limit - max(prompt_lengths)
+    if room < 1:
+        raise RecipeError(
+            f"a prompt of {max(prompt_lengths)} tokens leaves no room in the model's {limit} positions; "
+            "pass --limit or a problems file with shorter prompts"
+        )
+    if room < requested:
+        print(
+            f"flora-eval: --max-new-tokens {requested} does not fit the model's {limit} positions after the longest "
+            f"prompt ({max(prompt_lengths)} tokens); generating at most {room}",
+            file=sys.stderr,
+        )
+    return min(requested, room)
+
+
 def run_code(args: argparse.Namespace, languages: list[str], adapters: dict[str, Path], out: Path) -> dict[str, Any]:
     from .evaluation import DEFAULT_N_SAMPLES, DEFAULT_TEMPERATURE, load_problems, run_passk_eval
 
     problems = load_problems(args.problems) if args.problems else []
     if not args.problems:
-        for lang in languages:
-            problems += load_problems(lang, limit=args.limit)
+        offline = not hub_reachable()
+        if offline:
+            use_hub_cache_only()
+        try:
+            for lang in languages:
+                problems += load_problems(lang, limit=args.limit)
+        except RuntimeError as err:
+            if offline:
+                raise RecipeError(
+                    "the Hugging Face hub is unreachable and MultiPL-E is not cached here; pass a local problems "
+                    f"file: PROBLEMS=path/to/problems.jsonl (flora-eval --problems). {err}"
+                ) from err
+            raise
     elif args.limit is not None:
         problems = problems[: args.limit]
     settings = dict(
@@ -271,6 +327,8 @@ def run_code(args: argparse.Namespace, languages: list[str], adapters: dict[str,
     if problem is not None:
         raise ModelUnavailable(problem)
     base, model = load_for_eval(recipe, adapters)
+    lengths = [len(base.tokenizer(p.prompt)["input_ids"]) for p in problems]
+    settings["max_new_tokens"] = fit_new_tokens(args.max_new_tokens, context_length(base.model), lengths)
     mapping = {lang: (lang if lang in adapters else "__base__") for lang in languages}
     return run_passk_eval(model, problems, adapter=mapping, tokenizer=base.tokenizer, **settings)
 

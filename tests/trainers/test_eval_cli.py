@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from trainers.eval_cli import main, resolve_adapters
+from trainers import eval_cli
+from trainers.eval_cli import context_length, fit_new_tokens, main, resolve_adapters
 from trainers.recipe import RecipeError
 
 from .evaluation.helpers import PY_PROBLEM
@@ -65,3 +66,31 @@ def test_missing_model_fails_fast(tmp_path: Path, monkeypatch, capsys) -> None:
     argv = ["--task", "code", "--lang", "python", "--model", "bigcode/starcoderbase-3b", "--problems", str(problems)]
     assert main(argv) == 2
     assert "MODEL=path/to/folder" in capsys.readouterr().err
+
+
+def test_new_tokens_fit_the_models_positions(capsys) -> None:
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(n_positions=64, n_embd=16, n_layer=1, n_head=2, vocab_size=32))
+    assert context_length(model) == 64 and context_length(object()) is None
+    assert fit_new_tokens(512, None, [10]) == 512 and fit_new_tokens(20, 64, [10, 30]) == 20
+    assert fit_new_tokens(512, 64, [10, 30]) == 34  # the tiny code model has 256 positions, the default asks 512
+    assert "generating at most 34" in capsys.readouterr().err
+    with pytest.raises(RecipeError, match="no room"):
+        fit_new_tokens(8, 64, [64])
+
+
+def test_hub_problems_offline_fail_fast(monkeypatch, capsys) -> None:
+    """No --problems and no hub: a clear error naming PROBLEMS=, from the cache check, not after retries."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "0")  # restored (unset) after the test: the CLI switches them on
+    for module in (huggingface_hub.constants, datasets.config):  # restored too: the CLI sets them in-process
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", module.HF_HUB_OFFLINE)
+    monkeypatch.setattr(eval_cli, "hub_reachable", lambda: False)
+    monkeypatch.setenv("HF_DATASETS_CACHE", "/nonexistent-flora-hf-cache")
+    assert main(["--task", "code", "--lang", "perl", "--model", "tiny-code"]) == 2
+    err = capsys.readouterr().err
+    assert "PROBLEMS=path/to/problems.jsonl" in err and "Traceback" not in err
