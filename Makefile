@@ -98,8 +98,9 @@ TRAIN_ARGS = $(if $(LANGS),--langs $(LANGS),--lang $(or $(CLI_LANG),$(1))) $(if 
 	$(if $(RESUME),--resume $(RESUME))
 EVAL_ARGS = --lang $(call RUN_LANGS,$(1)) --adapter $(or $(ADAPTER),out/$(2)-$(call RUN_NAME,$(1))) \
 	$(if $(MODEL),--model $(MODEL)) $(if $(LIMIT),--limit $(LIMIT))
-# the child gets a real locale back (make exports a command-line LANG=perl to recipes)
-RUN_ENV = LANG=C.UTF-8
+# the child gets a real locale back (make exports a command-line LANG=perl to recipes), and the environment's
+# launchers (deepspeed, accelerate) on PATH, as an activated environment would have them
+RUN_ENV = LANG=C.UTF-8 PATH="$(abspath $(VENV))/bin:$$PATH"
 
 METHOD ?= flora
 
