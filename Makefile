@@ -11,7 +11,7 @@ STAMP := $(VENV)/.flora-hf-installed
 # Debian tools the tests drive for real: speech synthesis, an MP3 encoder, interpreters for pass@k.
 APT_PACKAGES ?= espeak-ng lame perl libtest-deep-perl ruby lua5.4
 
-.PHONY: setup system-deps demo test lint format bench-layer bench-serve docker clean
+.PHONY: setup system-deps demo test lint format bench-layer bench-serve bench-milora docker clean
 
 setup: $(STAMP) system-deps
 
@@ -54,6 +54,9 @@ bench-layer: setup
 
 bench-serve: setup
 	$(PY) bench/serve.py
+
+bench-milora: setup
+	$(PY) bench/milora.py
 
 # Docker cannot build on the development machines; CI and tests run the same entrypoint (flora-serve) directly.
 docker:
