@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from flora_hf.flora.bnb import is_8bit_linear
 from flora_hf.flora.layer import scaled_base_matmul
 from flora_hf.ops import bank_row, flora_linear, ia3_scale, lora_bmm_delta
-from flora_hf.ops.milora import RoutedGates, gated_lora_delta, pool_prompt, route
+from flora_hf.ops.milora import RoutedGates, add_gated_lora, pool_prompt, route
 
 from .adapters.loader import Role, RouterWeights, linear_features
 
@@ -164,7 +164,7 @@ class SlotLinear(nn.Module):
                 y = y + lora_bmm_delta(x, bank_a, bank_b, idx)
             else:  # rows with a zero scale (unselected experts, rows without LoRA) cost nothing
                 column = self.gate_site[1]
-                y = y + gated_lora_delta(x, bank_a, bank_b, idx, routed.column(column), routed.rows(column))
+                y = add_gated_lora(y, x, bank_a, bank_b, idx, routed.column(column), routed.rows(column))
         if meta.ia3 and "ia3_out" in banks:
             y = ia3_scale(y, banks["ia3_out"], idx)
         return y

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..ops import build_lora_bank
-from ..ops.milora import gated_lora_delta
+from ..ops.milora import add_gated_lora
 from ..per_example import PerExampleAdapterLayer
 from .router import GateSlot
 
@@ -104,7 +104,8 @@ class MiLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
         p = max(self.dropout_p[n] for n in names)
         return F.dropout(x, p, training=True) if self.training and p > 0 else x
 
-    def expert_delta(self, x: Tensor) -> Optional[Tensor]:
+    def add_experts(self, y: Tensor, x: Tensor) -> Tensor:
+        """``y`` plus this expert's update for every row whose router selected it (nothing for the others)."""
         gates = self.slot.current
         if gates is None:
             raise RuntimeError(
@@ -114,34 +115,29 @@ class MiLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
         column = self.slot.columns[self.expert_name]
         batch = self.current_adapter_batch()
         if batch is not None:
-            names = tuple(self.milora_A.keys())
             routed = gates.get(None)
             if routed is None:
-                return None
+                return y
+            names = tuple(self.milora_A.keys())
             bank_a, bank_b = self._bank(names, x)
             indices = batch.indices(names, x.shape[0], x.device)
-            return gated_lora_delta(
-                self._dropout(x, names), bank_a, bank_b, indices, routed.column(column), routed.rows(column)
-            )
-        delta = None
+            x = self._dropout(x, names)
+            return add_gated_lora(y, x, bank_a, bank_b, indices, routed.column(column), routed.rows(column))
         for name in self.active_adapters:
             routed = gates.get(name)
             if name not in self.milora_A or routed is None:
                 continue
-            bank_a, bank_b = self._bank((name,), x)
-            indices = torch.ones(x.shape[0], dtype=torch.long, device=x.device)
-            part = gated_lora_delta(
-                self._dropout(x, (name,)), bank_a, bank_b, indices, routed.column(column), routed.rows(column)
-            )
-            delta = part if delta is None else delta + part
-        return delta
+            # one adapter for every row: its own factors, two GEMMs, the scaling folded into the gate
+            gate = routed.column(column) * self.scaling[name]
+            a, b = self.milora_A[name], self.milora_B[name].t()
+            y = add_gated_lora(y, self._dropout(x, (name,)), a, b, None, gate, routed.rows(column))
+        return y
 
     def milora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         y = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or not self.milora_A:
             return y
-        delta = self.expert_delta(x)
-        return y if delta is None else y + delta.to(y.dtype)
+        return self.add_experts(y, x)
 
 
 class Linear(nn.Module, MiLoRALayer):

@@ -147,23 +147,66 @@ def load_balance_loss(probs: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------------ experts
 def gated_lora_delta(
-    x: Tensor, bank_a: Tensor, bank_b: Tensor, indices: Tensor, gate: Tensor, rows: Optional[Tensor] = None
+    x: Tensor,
+    bank_a: Tensor,
+    bank_b: Tensor,
+    indices: Optional[Tensor],
+    gate: Tensor,
+    rows: Optional[Tensor] = None,
 ) -> Tensor:
     """Semantics: Δy[b] = gate[b] · (x[b] A_{indices[b]}ᵀ) B_{indices[b]}, computed only for ``rows`` (default all).
 
-    Banks are in :func:`~flora_hf.ops.lora.build_lora_bank`'s layout. ``rows`` lists the rows whose gate is non-zero
-    (known once per prompt, see :class:`RoutedGates`), so experts a prompt did not select cost nothing at decode.
+    Banks are in :func:`~flora_hf.ops.lora.build_lora_bank`'s layout; with ``indices`` None, ``bank_a`` ``(R, d_in)``
+    and ``bank_b`` ``(R, d_out)`` are one adapter's factors used by every row (two plain GEMMs, no per-row gather).
+    ``rows`` lists the rows whose gate is non-zero (known once per prompt, see :class:`RoutedGates`), so experts a
+    prompt did not select cost nothing at decode.
     """
-    from .lora import lora_bmm_delta
-
-    scale = gate.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
     if rows is None:
-        return lora_bmm_delta(x, bank_a, bank_b, indices) * scale
+        return _rows_delta(x, bank_a, bank_b, indices, gate)
     out = x.new_zeros(*x.shape[:-1], bank_b.shape[-1])
     if rows.numel() == 0:
         return out
-    sub = lora_bmm_delta(x.index_select(0, rows), bank_a, bank_b, indices.index_select(0, rows))
-    return out.index_copy(0, rows, sub * scale.index_select(0, rows))
+    sub = _rows_delta(x.index_select(0, rows), bank_a, bank_b, _select(indices, rows), gate.index_select(0, rows))
+    return out.index_copy(0, rows, sub)
+
+
+def add_gated_lora(
+    y: Tensor,
+    x: Tensor,
+    bank_a: Tensor,
+    bank_b: Tensor,
+    indices: Optional[Tensor],
+    gate: Tensor,
+    rows: Optional[Tensor] = None,
+) -> Tensor:
+    """Semantics: y + :func:`gated_lora_delta` (same arguments), writing only the selected rows of ``y``.
+
+    The fast path for layers: no zero tensor for the unselected rows, and nothing at all when no row selected the
+    expert. ``y`` is updated in place unless autograd needs it.
+    """
+    if rows is None:
+        return y + _rows_delta(x, bank_a, bank_b, indices, gate).to(y.dtype)
+    if rows.numel() == 0:
+        return y
+    sub = _rows_delta(x.index_select(0, rows), bank_a, bank_b, _select(indices, rows), gate.index_select(0, rows))
+    sub = sub.to(y.dtype)
+    if y.requires_grad or sub.requires_grad:
+        return y.index_add(0, rows, sub)
+    return y.index_add_(0, rows, sub)
+
+
+def _select(indices: Optional[Tensor], rows: Tensor) -> Optional[Tensor]:
+    return None if indices is None else indices.index_select(0, rows)
+
+
+def _rows_delta(x: Tensor, bank_a: Tensor, bank_b: Tensor, indices: Optional[Tensor], gate: Tensor) -> Tensor:
+    if indices is None:
+        delta = (x @ bank_a.to(x.dtype).t()) @ bank_b.to(x.dtype)
+    else:
+        from .lora import lora_bmm_delta
+
+        delta = lora_bmm_delta(x, bank_a, bank_b, indices)
+    return delta * gate.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
 class RoutedGates:

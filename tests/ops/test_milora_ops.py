@@ -10,6 +10,7 @@ from flora_hf.ops import build_lora_bank
 from flora_hf.ops.milora import (
     POOLERS,
     RoutedGates,
+    add_gated_lora,
     gated_lora_delta,
     gelu_rational_init,
     load_balance_loss,
@@ -209,6 +210,32 @@ def test_gated_lora_delta_matches_reference(shape) -> None:
     torch.testing.assert_close(only_two, masked, atol=1e-5, rtol=0)
     empty = gated_lora_delta(x, bank_a, bank_b, indices, gate, torch.empty(0, dtype=torch.long))
     assert empty.shape == (*shape[:-1], 6) and empty.abs().max() == 0
+
+
+@pytest.mark.parametrize("shape", [(5, 10), (5, 3, 10)], ids=["decode", "prefill"])
+def test_add_gated_lora_writes_only_selected_rows(shape) -> None:
+    bank_a, bank_b = _bank()
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(*shape, generator=g), torch.randn(*shape[:-1], 6, generator=g)
+    indices = torch.tensor([1, 2, 2, 0, 1])
+    gate = torch.tensor([0.5, 0.0, 0.25, 0.9, 0.0])
+    expected = y + gated_lora_reference(x, bank_a, bank_b, indices, gate)
+    rows = (gate != 0).nonzero(as_tuple=True)[0]
+    torch.testing.assert_close(
+        add_gated_lora(y.clone(), x, bank_a, bank_b, indices, gate), expected, atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        add_gated_lora(y.clone(), x, bank_a, bank_b, indices, gate, rows), expected, atol=1e-5, rtol=0
+    )
+    untouched = y.clone()
+    assert add_gated_lora(untouched, x, bank_a, bank_b, indices, gate, torch.empty(0, dtype=torch.long)) is untouched
+    # one adapter for every row (indices None): its own factors, same result as bank row 1 for all rows
+    ones = torch.ones(5, dtype=torch.long)
+    single = gated_lora_reference(x, bank_a, bank_b, ones, gate)
+    torch.testing.assert_close(gated_lora_delta(x, bank_a[1], bank_b[1], None, gate), single, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        add_gated_lora(y.clone(), x, bank_a[1], bank_b[1], None, gate, rows), y + single, atol=1e-5, rtol=0
+    )
 
 
 def test_gated_lora_delta_gradients_flow_to_gates_and_factors() -> None:
