@@ -85,7 +85,8 @@ clean:
 #   OUTPUT_DIR  default out/<recipe>-<languages>[-<method>]; RESUME=latest (or a checkpoint folder) resumes
 #   RECIPE      another recipe for the same target, e.g. RECIPE=tiny-code (offline, CPU)
 #   ADAPTER     eval: adapter or run folder (default: the train target's OUTPUT_DIR default)
-#   PROBLEMS    eval-starcoder: MultiPL-E jsonl (default: nuprl/MultiPL-E from the hub); SERVER: a flora-serve URL;
+#   PROBLEMS    eval-starcoder: MultiPL-E jsonl (default: nuprl/MultiPL-E from the hub); SERVER: a flora-serve URL
+#               (then ADAPTER_ID: the adapters' names there, default the languages; no local ADAPTER needed);
 #               N_SAMPLES (default 100), LIMIT (first N problems or clips), SPLIT (eval-whisper, default test)
 # Full-scale recipes stop at once, saying why, on a machine without a GPU, or without the hub for hub data/models.
 .PHONY: train-starcoder train-whisper eval-starcoder eval-whisper reproduce-small
@@ -99,7 +100,9 @@ TRAIN_ARGS = $(if $(LANGS),--langs $(LANGS),--lang $(or $(CLI_LANG),$(1))) $(if 
 	$(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(OUTPUT_DIR),--output-dir $(OUTPUT_DIR)) \
 	$(if $(RANK),--rank $(RANK)) $(if $(LR),--lr $(LR)) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
 	$(if $(RESUME),--resume $(RESUME))
-EVAL_ARGS = --lang $(call RUN_LANGS,$(1)) --adapter $(or $(ADAPTER),out/$(2)-$(call RUN_NAME,$(1))) \
+# with SERVER, the adapters live on the server (ADAPTER_ID, default the language names): no local folder needed
+EVAL_ARGS = --lang $(call RUN_LANGS,$(1)) \
+	$(if $(or $(ADAPTER),$(if $(SERVER),,local)),--adapter $(or $(ADAPTER),out/$(2)-$(call RUN_NAME,$(1)))) \
 	$(if $(MODEL),--model $(MODEL)) $(if $(LIMIT),--limit $(LIMIT))
 # the child gets a real locale back (make exports a command-line LANG=perl to recipes), and the environment's
 # launchers (deepspeed, accelerate) on PATH, as an activated environment would have them
@@ -115,8 +118,8 @@ train-whisper: setup
 
 eval-starcoder: setup
 	$(RUN_ENV) $(VENV)/bin/flora-eval --task code $(call EVAL_ARGS,perl,$(or $(RECIPE),starcoder)) \
-		$(if $(PROBLEMS),--problems $(PROBLEMS)) $(if $(SERVER),--server $(SERVER)) \
-		$(if $(N_SAMPLES),--n-samples $(N_SAMPLES))
+		$(if $(PROBLEMS),--problems $(PROBLEMS)) $(if $(N_SAMPLES),--n-samples $(N_SAMPLES)) \
+		$(if $(SERVER),--server $(SERVER) --adapter-id $(or $(ADAPTER_ID),$(call RUN_LANGS,perl)))
 
 eval-whisper: setup
 	$(RUN_ENV) $(VENV)/bin/flora-eval --task speech $(call EVAL_ARGS,mr,$(or $(RECIPE),whisper)) \

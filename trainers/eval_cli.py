@@ -286,6 +286,36 @@ def fit_new_tokens(requested: int, limit: Optional[int], prompt_lengths: Sequenc
     return min(requested, room)
 
 
+def _server_json(url: str, route: str, body: Optional[dict[str, Any]] = None, timeout_s: float = 30.0) -> Any:
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url.rstrip("/") + route, data=data, headers={"Content-Type": "application/json"} if data else {}
+    )
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return json.loads(response.read())
+
+
+def server_token_limits(url: str, prompts: Sequence[str]) -> tuple[Optional[int], list[int]]:
+    """A running server's ``max_total_tokens`` (``/info``) and each prompt's length by its tokenizer (``/tokenize``,
+    as TGI and flora-serve have it); (None, []) where the server does not say. An unreachable server is an error."""
+    import urllib.error
+
+    try:
+        info = _server_json(url, "/info")
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise RecipeError(f"cannot reach the server at {url} ({err}); start it first (flora-serve --help)") from err
+    limit = info.get("max_total_tokens") if isinstance(info, dict) else None
+    if not isinstance(limit, int):
+        return None, []
+    try:
+        lengths = [len(_server_json(url, "/tokenize", {"inputs": prompt})) for prompt in dict.fromkeys(prompts)]
+    except (urllib.error.URLError, OSError, ValueError, TypeError):
+        return None, []
+    return limit, lengths
+
+
 def run_code(args: argparse.Namespace, languages: list[str], adapters: dict[str, Path], out: Path) -> dict[str, Any]:
     from .evaluation import DEFAULT_N_SAMPLES, DEFAULT_TEMPERATURE, load_problems, run_passk_eval
 
@@ -321,6 +351,8 @@ def run_code(args: argparse.Namespace, languages: list[str], adapters: dict[str,
         if len(names) != len(languages):
             raise RecipeError("--adapter-id needs one name per language")
         mapping = dict(zip(languages, names)) if (args.adapter_id or adapters) else None
+        limit, lengths = server_token_limits(args.server, [p.prompt for p in problems])
+        settings["max_new_tokens"] = fit_new_tokens(args.max_new_tokens, limit, lengths)
         return run_passk_eval(args.server, problems, adapter=mapping, **settings)
     recipe = run_recipe(adapters, "code", {"MODEL": args.model, "LANGS": ",".join(languages)})
     problem = model_problem(recipe.model)

@@ -94,3 +94,39 @@ def test_hub_problems_offline_fail_fast(monkeypatch, capsys) -> None:
     assert main(["--task", "code", "--lang", "perl", "--model", "tiny-code"]) == 2
     err = capsys.readouterr().err
     assert "PROBLEMS=path/to/problems.jsonl" in err and "Traceback" not in err
+
+
+def test_server_token_limits(capsys) -> None:
+    """A server's max_total_tokens and its tokenizer's prompt lengths bound max_new_tokens; no server: an error."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, body: object) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._send({"max_total_tokens": 64})
+
+        def do_POST(self) -> None:  # noqa: N802
+            inputs = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["inputs"]
+            self._send([{"id": i} for i, _ in enumerate(inputs.split())])
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        limit, lengths = eval_cli.server_token_limits(url, ["a b c", "a b c d e", "a b c"])
+    finally:
+        server.shutdown()
+    assert limit == 64 and lengths == [3, 5]
+    with pytest.raises(RecipeError, match="cannot reach the server"):
+        eval_cli.server_token_limits(url, ["a"])
