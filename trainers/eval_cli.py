@@ -316,6 +316,13 @@ def server_token_limits(url: str, prompts: Sequence[str]) -> tuple[Optional[int]
     return limit, lengths
 
 
+def can_mix_adapters(adapters: dict[str, Path]) -> bool:
+    """Whether one generation batch may hold several of these adapters: FLoRA's per-example path, or PEFT's mixed
+    LoRA batches; IA3 (or a mix of methods) generates one adapter per batch."""
+    types = {json.loads((folder / "adapter_config.json").read_text()).get("peft_type") for folder in adapters.values()}
+    return len(types) <= 1 and types <= {"FLORA", "LORA"}
+
+
 def run_code(args: argparse.Namespace, languages: list[str], adapters: dict[str, Path], out: Path) -> dict[str, Any]:
     from .evaluation import DEFAULT_N_SAMPLES, DEFAULT_TEMPERATURE, load_problems, run_passk_eval
 
@@ -362,6 +369,7 @@ def run_code(args: argparse.Namespace, languages: list[str], adapters: dict[str,
     lengths = [len(base.tokenizer(p.prompt)["input_ids"]) for p in problems]
     settings["max_new_tokens"] = fit_new_tokens(args.max_new_tokens, context_length(base.model), lengths)
     mapping = {lang: (lang if lang in adapters else "__base__") for lang in languages}
+    settings["mix_adapters"] = can_mix_adapters(adapters)
     return run_passk_eval(model, problems, adapter=mapping, tokenizer=base.tokenizer, **settings)
 
 

@@ -130,3 +130,15 @@ def test_server_token_limits(capsys) -> None:
     assert limit == 64 and lengths == [3, 5]
     with pytest.raises(RecipeError, match="cannot reach the server"):
         eval_cli.server_token_limits(url, ["a"])
+
+
+def test_adapters_mix_in_a_batch_only_where_peft_can(tmp_path: Path) -> None:
+    def folder(name: str, peft_type: str) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type}))
+        return tmp_path / name
+
+    flora, flora2, ia3, lora = folder("a", "FLORA"), folder("b", "FLORA"), folder("c", "IA3"), folder("d", "LORA")
+    assert eval_cli.can_mix_adapters({}) and eval_cli.can_mix_adapters({"perl": flora, "lua": flora2})
+    assert eval_cli.can_mix_adapters({"perl": lora})
+    assert not eval_cli.can_mix_adapters({"perl": ia3}) and not eval_cli.can_mix_adapters({"perl": flora, "lua": lora})
