@@ -88,6 +88,8 @@ clean:
 #   PROBLEMS    eval-starcoder: MultiPL-E jsonl (default: nuprl/MultiPL-E from the hub); SERVER: a flora-serve URL
 #               (then ADAPTER_ID: the adapters' names there, default the languages; no local ADAPTER needed);
 #               N_SAMPLES (default 100), LIMIT (first N problems or clips), SPLIT (eval-whisper, default test)
+#   make reproduce-small: FLoRA vs LoRA vs IA3 at toy scale on the CPU (CODE_STEPS default 300, SPEECH_STEPS 400,
+#               OUTPUT_DIR default out/reproduce-small)
 # Full-scale recipes stop at once, saying why, on a machine without a GPU, or without the hub for hub data/models.
 .PHONY: train-starcoder train-whisper eval-starcoder eval-whisper reproduce-small
 
@@ -126,4 +128,5 @@ eval-whisper: setup
 		$(if $(DATA),--data $(DATA)) $(if $(SPLIT),--split $(SPLIT)) --compare-base
 
 reproduce-small: setup
-	$(RUN_ENV) $(PY) -m trainers.reproduce_small
+	$(RUN_ENV) $(PY) -m trainers.reproduce_small $(if $(CODE_STEPS),--code-steps $(CODE_STEPS)) \
+		$(if $(SPEECH_STEPS),--speech-steps $(SPEECH_STEPS)) $(if $(OUTPUT_DIR),--out $(OUTPUT_DIR))
