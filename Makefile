@@ -73,15 +73,15 @@ clean:
 # Variables (empty = the recipe's value):
 #   LANG        one language (default perl for StarCoder, mr for Whisper); only a LANG on the command line counts,
 #               since make also sees your locale's LANG
-#   LANGS       comma-separated languages: one run, one FLoRA adapter per language, mixed batches
-#   METHOD      flora | lora | ia3 (default flora)
+#   LANGS       comma-separated languages: one run, one adapter per language, mixed batches (flora, milora)
+#   METHOD      flora | lora | ia3 | milora (default flora)
 #   MODEL       hub id or local folder (default bigcode/starcoderbase-3b, openai/whisper-large: the paper's)
 #   DATA        code: folder of sources (or one sub-folder per language); speech: Common Voice folder
 #               (default: The Stack / Common Voice from the hub)
 #   DEEPSPEED   DeepSpeed JSON, e.g. configs/ds_zero2.json or configs/ds_zero3.json (default: none)
 #   MAX_STEPS   default 1500 (StarCoder), 5000 (Whisper); BATCH_SIZE default 8 / 6
 #   RANK        default 1 (4 for Lua, Racket, Marathi); LR default per method (StarCoder 8e-3 / 1e-4 / 5e-3,
-#               Whisper 6e-3 / 2e-4 / 4e-3)
+#               Whisper 6e-3 / 2e-4 / 4e-3 for FLoRA / LoRA / IA3; MiLoRA 1e-4)
 #   OUTPUT_DIR  default out/<recipe>-<languages>[-<method>]; RESUME=latest (or a checkpoint folder) resumes
 #   RECIPE      another recipe for the same target, e.g. RECIPE=tiny-code (offline, CPU)
 #   ADAPTER     eval: adapter or run folder (default: the train target's OUTPUT_DIR default)
