@@ -183,7 +183,7 @@ def run_task(
             model = result.model
             row = Row(
                 task, language, method, dataset_loss(model, scored, data.collator),
-                rank=recipe.rank_for(language) if method != "ia3" else None, lr=recipe.learning_rate, steps=steps,
+                rank=_rank(recipe, language), lr=recipe.learning_rate, steps=steps,
                 train_seconds=round(time.perf_counter() - start, 1), trainable_params=trainable_parameters(model),
             )  # fmt: skip
             if task == "speech":
@@ -191,6 +191,15 @@ def run_task(
             rows.append(row)
             logger.info("%s %s %s: loss %.4f (base %.4f)", task, language, method, row.loss, base_row.loss)
     return rows
+
+
+def _rank(recipe: Recipe, language: str) -> Optional[int]:
+    """The adapter's rank as trained: none for IA3, MiLoRA's experts' own ``r`` where its settings give one."""
+    if recipe.method == "ia3":
+        return None
+    if recipe.method == "milora" and "r" in recipe.milora:
+        return int(recipe.milora["r"])
+    return recipe.rank_for(language)
 
 
 def _add_wer(row: Row, result: dict[str, Any]) -> None:

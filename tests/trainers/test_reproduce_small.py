@@ -63,3 +63,12 @@ def test_every_method_runs_with_the_same_budget(tmp_path_factory, tmp_path: Path
     assert [r.method for r in rows] == ["base", "flora", "lora", "ia3"]
     assert all(r.steps == 2 and r.loss > 0 for r in rows[1:])
     assert rows[1].trainable_params and rows[3].trainable_params < rows[1].trainable_params  # IA3: "rank 0.5"
+
+
+def test_rank_column_is_the_trained_rank() -> None:
+    from trainers.recipe import load_recipe
+    from trainers.reproduce_small import _rank
+
+    assert _rank(load_recipe("tiny-whisper", {"METHOD": "flora"}), "mr") == 4
+    assert _rank(load_recipe("tiny-whisper", {"METHOD": "ia3"}), "mr") is None
+    assert _rank(load_recipe("tiny-code", {"METHOD": "milora"}), "perl") == 8  # MiLoRA's experts, not `rank`
