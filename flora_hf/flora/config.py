@@ -5,29 +5,16 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from ..base_layers import LLAMA_FAMILY, LLAMA_PROJECTIONS, WHISPER_LINEARS
 from ..peft_registry import add_peft_type
 
 # Defaults per transformers `model_type`: the paper's choices where it made one (StarCoder: c_attn; Whisper: every
 # fully-connected layer), attention + MLP projections for the Llama family.
-_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRANSFORMERS_MODELS_TO_FLORA_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "gpt_bigcode": ["c_attn"],
     "gpt2": ["c_attn"],
-    "whisper": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    **{
-        model_type: _LLAMA_LIKE
-        for model_type in (
-            "llama",
-            "mistral",
-            "mixtral",
-            "qwen2",
-            "qwen2_moe",
-            "qwen3",
-            "qwen3_moe",
-            "gemma",
-            "gemma2",
-        )
-    },
+    "whisper": WHISPER_LINEARS,
+    **dict.fromkeys(LLAMA_FAMILY, LLAMA_PROJECTIONS),
 }
 
 

@@ -6,8 +6,8 @@ from typing import Any, Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
+from ..base_layers import linear_features
 from ..ops import bank_row, build_flora_bank, compose_flora, flora_delta_weight, flora_linear
 from ..ops.flora import BaseMatmul
 from ..per_example import AdapterBatch, PerExampleAdapterLayer
@@ -33,16 +33,7 @@ class FLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
 
-        base = self.get_base_layer()
-        if isinstance(base, Conv1D):
-            weight = base.weight
-            in_features, out_features = weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape
-        elif isinstance(base, nn.Linear):
-            in_features, out_features = base.in_features, base.out_features
-        else:
-            raise TypeError(f"FLoRA supports nn.Linear and transformers Conv1D layers, got {type(base).__name__}")
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features, self.out_features = linear_features(self.get_base_layer(), "FLoRA layers")
 
     # ----------------------------------------------------------------------------------------------- adapters
     def update_layer(

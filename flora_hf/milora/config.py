@@ -5,30 +5,17 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from ..base_layers import LLAMA_FAMILY, LLAMA_PROJECTIONS, WHISPER_LINEARS
 from ..ops.milora import POOLERS
 from ..peft_registry import add_peft_type
 
 # One expert per adapted module type of a transformer layer (DESIGN §3). Names are suffixes of the module path
 # inside a layer, so GPTBigCode's two `c_proj` layers (attention output, MLP output) stay separate experts.
-_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRANSFORMERS_MODELS_TO_MILORA_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "gpt_bigcode": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
     "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
-    "whisper": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    **{
-        model_type: _LLAMA_LIKE
-        for model_type in (
-            "llama",
-            "mistral",
-            "mixtral",
-            "qwen2",
-            "qwen2_moe",
-            "qwen3",
-            "qwen3_moe",
-            "gemma",
-            "gemma2",
-        )
-    },
+    "whisper": WHISPER_LINEARS,
+    **dict.fromkeys(LLAMA_FAMILY, LLAMA_PROJECTIONS),
 }
 
 DEFAULT_ROUTING_PREFIX = 32

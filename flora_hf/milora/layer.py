@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
+from ..base_layers import linear_features
 from ..ops import build_lora_bank
 from ..ops.milora import add_gated_lora
 from ..per_example import PerExampleAdapterLayer
@@ -37,14 +37,7 @@ class MiLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
-        base = self.get_base_layer()
-        if isinstance(base, Conv1D):
-            weight = base.weight
-            self.in_features, self.out_features = weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape
-        elif isinstance(base, nn.Linear):
-            self.in_features, self.out_features = base.in_features, base.out_features
-        else:
-            raise TypeError(f"MiLoRA experts wrap nn.Linear or transformers Conv1D layers, got {type(base).__name__}")
+        self.in_features, self.out_features = linear_features(self.get_base_layer(), "MiLoRA experts")
 
     def update_layer(
         self,

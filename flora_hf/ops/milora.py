@@ -161,13 +161,7 @@ def gated_lora_delta(
     ``rows`` lists the rows whose gate is non-zero (known once per prompt, see :class:`RoutedGates`), so experts a
     prompt did not select cost nothing at decode.
     """
-    if rows is None:
-        return _rows_delta(x, bank_a, bank_b, indices, gate)
-    out = x.new_zeros(*x.shape[:-1], bank_b.shape[-1])
-    if rows.numel() == 0:
-        return out
-    sub = _rows_delta(x.index_select(0, rows), bank_a, bank_b, _select(indices, rows), gate.index_select(0, rows))
-    return out.index_copy(0, rows, sub)
+    return add_gated_lora(x.new_zeros(*x.shape[:-1], bank_b.shape[-1]), x, bank_a, bank_b, indices, gate, rows)
 
 
 def add_gated_lora(

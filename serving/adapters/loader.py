@@ -17,8 +17,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
+from flora_hf.base_layers import linear_features as base_linear_features
 from flora_hf.ops.milora import POOLERS
 
 from ..types import AdapterError
@@ -77,11 +77,10 @@ class AdapterWeights:
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a layer the server can adapt."""
-    if isinstance(module, Conv1D):
-        return tuple(module.weight.shape)  # stored (in, out)
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    raise AdapterError(f"{type(module).__name__} layers cannot carry adapters (only Linear and Conv1D)")
+    try:
+        return base_linear_features(module)
+    except TypeError:
+        raise AdapterError(f"{type(module).__name__} layers cannot carry adapters (only Linear and Conv1D)") from None
 
 
 def _read_config(folder: Path) -> dict:

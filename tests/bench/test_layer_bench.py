@@ -1,29 +1,20 @@
 """The layer benchmark runs end to end on a tiny grid and writes complete JSON and a PNG (no timing assertions)."""
 
-import importlib.util
 import json
 import math
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "layer.py"
+from tests.bench.scripts import load_script
+
 TINY = shlex.split("--device cpu --dims 64 --ranks 1,2 --shapes decode=4x1,prefill=2x8 --repeats 1 --min-sample-s 0")
 
 
 @pytest.fixture(scope="module")
 def layer_bench():
-    """bench/ is a folder of scripts, not a package: load the script by path."""
-    spec = importlib.util.spec_from_file_location("bench_layer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_script("layer")
 
 
 def _outputs(out: Path) -> tuple[dict, Path]:

@@ -1,15 +1,13 @@
 """The MiLoRA decode benchmark runs end to end at a tiny size and reports every variant (no timing assertions)."""
 
-import importlib.util
 import json
 import math
 import shlex
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "milora.py"
+from tests.bench.scripts import load_script
+
 LAYERS, NEW_TOKENS, BATCHES = 2, 4, (1, 3)
 TINY = shlex.split(
     f"--device cpu --hidden 32 --intermediate 48 --layers {LAYERS} --heads 4 --vocab 97 --rank 8 --moe-experts 4 "
@@ -19,15 +17,7 @@ TINY = shlex.split(
 
 @pytest.fixture(scope="module")
 def milora_bench():
-    """bench/ is a folder of scripts, not a package: load the script by path."""
-    spec = importlib.util.spec_from_file_location("bench_milora", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_script("milora")
 
 
 def test_tiny_run_reports_every_variant(milora_bench, tmp_path, capsys):

@@ -1,28 +1,17 @@
 """The serving benchmark runs end to end against real flora-serve processes on a tiny model (no timing asserts)."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench.scripts import load_script
 from tests.serving.tiny_serving import tiny_causal_lm, tiny_tokenizer
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "serve.py"
 
 
 @pytest.fixture(scope="module")
 def serve_bench():
-    """bench/ is a folder of scripts, not a package: load the script by path."""
-    spec = importlib.util.spec_from_file_location("bench_serve", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_script("serve")
 
 
 @pytest.fixture(scope="module")
