@@ -103,6 +103,8 @@ class LLMEngine:
                 "queue_size": len(self._waiting),
                 "batch_size": len(self._running) if self._running is not None else 0,
                 "in_flight": len(self._entries),
+                # every MiLoRA layer routes each prompt once: any layer's count is the number of prompts
+                "milora_prompts_routed": max(self.store.router_counts().values(), default=0),
             }
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StepOutput]:

@@ -22,6 +22,7 @@ _COUNTERS = {
     "tgi_request_success": ("Number of successful requests", ()),
     "tgi_request_failure": ("Number of failed requests", ("err",)),
     "flora_adapter_requests": ("Requests per adapter (`base` for the base model)", ("adapter",)),
+    "flora_milora_prompts_routed": ("Prompts MiLoRA routers routed (once per prompt, never per decoding step)", ()),
 }
 
 
@@ -35,6 +36,11 @@ class _Counters(Collector):
     def inc(self, name: str, *labels: str, amount: float = 1.0) -> None:
         with self._lock:
             self._values[name][labels] += amount
+
+    def set(self, name: str, value: float, *labels: str) -> None:
+        """For counters another component keeps (read at scrape time)."""
+        with self._lock:
+            self._values[name][labels] = value
 
     def value(self, name: str, *labels: str) -> float:
         with self._lock:
@@ -139,4 +145,5 @@ class ServerMetrics:
         self.queue_size.set(stats.get("queue_size", 0))
         self.batch_size.set(stats.get("batch_current_size", stats.get("batch_size", 0)))
         self.in_flight.set(stats.get("in_flight", 0))
+        self.counters.set("flora_milora_prompts_routed", stats.get("milora_prompts_routed", 0))
         return generate_latest(self.registry)

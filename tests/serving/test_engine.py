@@ -140,7 +140,7 @@ def test_cancelled_request_frees_its_row(adapter_dir) -> None:
 
     other, stats = run(main())
     assert len(other) == 4
-    assert stats == {"queue_size": 0, "batch_size": 0, "in_flight": 0}
+    assert stats == {"queue_size": 0, "batch_size": 0, "in_flight": 0, "milora_prompts_routed": 0}
     assert engine.store._pins == {}
 
 

@@ -23,6 +23,7 @@ from serving.adapters.store import AdapterStore
 from serving.batch import Batch, RowAdapter
 from serving.engine import build_engine, build_engine_from_parts
 from serving.layers import AdapterContext, SlotLinear
+from serving.metrics import ServerMetrics
 from serving.model_runner import CausalLMRunner
 from serving.settings import parse_args
 from serving.types import AdapterError
@@ -280,6 +281,9 @@ def test_router_runs_once_per_prompt(adapter_dir) -> None:
     assert engine.steps >= 14  # two rounds of 7 decoding steps at least
     assert engine.store.router_counts() == {"transformer.h.0": 4, "transformer.h.1": 4}  # 4 MiLoRA prompts
     assert all(r.calls <= 4 for r in routers.values())  # one routing per prefill holding MiLoRA rows
+    assert engine.stats()["milora_prompts_routed"] == 4
+    metrics = ServerMetrics(64, 128, engine.stats).render().decode()
+    assert "flora_milora_prompts_routed 4.0" in metrics
 
 
 # ---------------------------------------------------------------------------------------------- bad adapters
