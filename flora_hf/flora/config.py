@@ -3,10 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from peft.config import PeftConfig
-
 from ..base_layers import LLAMA_FAMILY, LLAMA_PROJECTIONS, WHISPER_LINEARS
 from ..peft_registry import add_peft_type
+from ..tuner_config import LayerTunerConfig
 
 # Defaults per transformers `model_type`: the paper's choices where it made one (StarCoder: c_attn; Whisper: every
 # fully-connected layer), attention + MLP projections for the Llama family.
@@ -19,7 +18,7 @@ TRANSFORMERS_MODELS_TO_FLORA_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
 
 
 @dataclass
-class FLoRAConfig(PeftConfig):
+class FLoRAConfig(LayerTunerConfig):
     """Configuration of a FLoRA adapter: ``W = W0 ∘ ΔW`` with ``ΔW = flora_inᵀ · flora_out / r``.
 
     FLoRA's point is that a batch may carry a different adapter per example at the base model's cost; pass
@@ -35,20 +34,6 @@ class FLoRAConfig(PeftConfig):
             "projections. 'all-linear' adapts every linear layer but the output head."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or a regex to leave untouched even if targeted."}
-    )
-    fan_in_fan_out: bool = field(
-        default=False,
-        metadata={
-            "help": "True when the layer stores its weight as (fan_in, fan_out), like GPT-2's Conv1D. Set "
-            "automatically from the layer type."
-        },
-    )
-    modules_to_save: Optional[list[str]] = field(
-        default=None,
-        metadata={"help": "Modules besides the FLoRA layers to train and save, e.g. a new classification head."},
-    )
     init_weights: Union[bool, Literal["ones"]] = field(
         default=True,
         metadata={
@@ -61,13 +46,6 @@ class FLoRAConfig(PeftConfig):
     init_noise_std: float = field(
         default=1e-2, metadata={"help": "Scale of the zero-mean symmetry-breaking perturbation ε."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only adapt the layers with these indices."}
-    )
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None,
-        metadata={"help": "Name of the layer list used with `layers_to_transform`, e.g. 'layers' or 'h'."},
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,9 +54,3 @@ class FLoRAConfig(PeftConfig):
             raise ValueError(f"FLoRA rank `r` must be a positive integer, got {self.r!r}")
         if self.init_weights not in (True, False, "ones"):
             raise ValueError(f"init_weights must be True, False or 'ones', got {self.init_weights!r}")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("`layers_pattern` only makes sense together with `layers_to_transform`")

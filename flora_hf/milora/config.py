@@ -3,11 +3,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from peft.config import PeftConfig
-
 from ..base_layers import LLAMA_FAMILY, LLAMA_PROJECTIONS, WHISPER_LINEARS
 from ..ops.milora import POOLERS
 from ..peft_registry import add_peft_type
+from ..tuner_config import LayerTunerConfig
 
 # One expert per adapted module type of a transformer layer (DESIGN §3). Names are suffixes of the module path
 # inside a layer, so GPTBigCode's two `c_proj` layers (attention output, MLP output) stay separate experts.
@@ -24,7 +23,7 @@ ROUTING_PREFIX_BY_MODEL_TYPE = {"whisper": 4}
 
 
 @dataclass
-class MiLoRAConfig(PeftConfig):
+class MiLoRAConfig(LayerTunerConfig):
     """Configuration of a MiLoRA adapter: a prompt-aware router per transformer layer picks ``top_k`` LoRA experts.
 
     Each adapted module type of a layer (q, k, v, o, gate, up, down for Llama) is one LoRA expert. The router pools
@@ -82,26 +81,9 @@ class MiLoRAConfig(PeftConfig):
             "fc1, fc2. Every targeted module must sit inside a numbered transformer layer."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or a regex to leave untouched even if targeted."}
-    )
-    fan_in_fan_out: bool = field(
-        default=False,
-        metadata={"help": "True for layers storing (fan_in, fan_out), like GPT-2's Conv1D; set automatically."},
-    )
     init_weights: bool = field(
         default=True,
         metadata={"help": "True: experts start at zero (lora_B = 0), so the adapted model equals the base model."},
-    )
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules besides the adapter to train and save."}
-    )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only adapt the layers with these indices."}
-    )
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None,
-        metadata={"help": "Name of the layer list used with `layers_to_transform`, e.g. 'layers' or 'h'."},
     )
 
     def __post_init__(self) -> None:
@@ -125,12 +107,6 @@ class MiLoRAConfig(PeftConfig):
             raise ValueError(f"load_balance_coef must be ≥ 0, got {self.load_balance_coef}")
         if self.routing_prefix is not None and self.routing_prefix < 1:
             raise ValueError(f"routing_prefix must be a positive integer, got {self.routing_prefix}")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("`layers_pattern` only makes sense together with `layers_to_transform`")
 
     @property
     def scaling(self) -> float:
