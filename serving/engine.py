@@ -40,6 +40,9 @@ class EngineLimits:
     max_concurrent_requests: int = 128
     max_batch_total_tokens: int = 16384  # prompt + new tokens summed over the running batch
     max_batch_size: Optional[int] = None
+    # TGI's --max-batch-prefill-tokens: tokens one prefill may hold. Rows are left-padded to the longest prompt, so
+    # a prefill of n prompts costs n x the longest; None: no limit beyond max_batch_total_tokens.
+    max_batch_prefill_tokens: Optional[int] = None
 
 
 @dataclass
@@ -186,14 +189,22 @@ class LLMEngine:
         return sum(self._entries[r.id].budget for r in self._running.requests if r.id in self._entries)
 
     def _admit(self) -> list[_Entry]:
-        """Waiting requests that fit the token budget and whose adapter is on the device (FIFO, skipping cold)."""
+        """Waiting requests that fit the token budgets and whose adapter is on the device (FIFO, skipping cold).
+
+        The first request of a prefill is always admitted when the running batch has room for it, so a prompt
+        longer than ``max_batch_prefill_tokens`` still runs (alone).
+        """
         budget = self.limits.max_batch_total_tokens - self._running_budget()
         size = len(self._running) if self._running is not None else 0
+        prefill_limit = self.limits.max_batch_prefill_tokens
         admitted, still_waiting = [], deque()
+        longest = 0
         while self._waiting:
             entry = self._waiting.popleft()
             full = self.limits.max_batch_size is not None and size + len(admitted) >= self.limits.max_batch_size
-            if full or entry.budget > budget:
+            length = max(longest, len(entry.request.input_ids))
+            over_prefill = prefill_limit is not None and admitted and (len(admitted) + 1) * length > prefill_limit
+            if full or entry.budget > budget or over_prefill:
                 still_waiting.append(entry)
                 continue
             try:
@@ -206,6 +217,7 @@ class LLMEngine:
                 continue
             admitted.append(entry)
             budget -= entry.budget
+            longest = length
         self._waiting = still_waiting
         return admitted
 
@@ -356,6 +368,7 @@ def build_engine(settings) -> LLMEngine:
     limits = EngineLimits(
         max_concurrent_requests=settings.max_concurrent_requests,
         max_batch_total_tokens=settings.max_batch_total_tokens or max(16384, max_total),
+        max_batch_prefill_tokens=settings.max_batch_prefill_tokens,
     )
     return build_engine_from_parts(
         model,

@@ -149,7 +149,8 @@ _OPTIONS: list[tuple[str, tuple[str, ...], tuple[str, ...], Any, str]] = [
      "longest prompt in tokens (default: max_total_tokens - 1)"),
     ("max_total_tokens", (), ("MAX_TOTAL_TOKENS",), int, "prompt + new tokens budget (default: model context)"),
     ("max_batch_total_tokens", (), ("MAX_BATCH_TOTAL_TOKENS",), int, "token budget of one running batch"),
-    ("max_batch_prefill_tokens", (), ("MAX_BATCH_PREFILL_TOKENS",), int, "token budget of one prefill"),
+    ("max_batch_prefill_tokens", (), ("MAX_BATCH_PREFILL_TOKENS",), int,
+     "tokens one prefill may hold, prompts left-padded to the longest (default: no limit)"),
     ("max_client_batch_size", (), ("MAX_CLIENT_BATCH_SIZE",), int, "most prompts or `n` per OpenAI request (4)"),
     ("dtype", (), ("DTYPE",), str, "float16, bfloat16 or float32"),
     ("quantize", (), ("QUANTIZE",), str, "bitsandbytes (8-bit base model)"),
@@ -244,4 +245,10 @@ def _settings_from(values: dict[str, Any], env: Mapping[str, str]) -> ServerSett
     )
     if settings.max_input_tokens is not None and settings.max_total_tokens is not None:
         resolve_token_limits(settings.max_input_tokens, settings.max_total_tokens)
+    prefill, max_input = settings.max_batch_prefill_tokens, settings.max_input_tokens
+    if prefill is not None and (prefill < 1 or (max_input is not None and prefill < max_input)):
+        # TGI's launcher refuses this too: a prompt of max_input_tokens must fit one prefill
+        raise ValueError(
+            f"`max_batch_prefill_tokens` ({prefill}) must be >= 1 and >= `max_input_tokens` ({max_input})"
+        )
     return settings

@@ -208,3 +208,44 @@ def test_engine_does_not_mutate_shared_model(adapter_dir) -> None:
     run(engine.shutdown())
     after = model.state_dict()
     assert all((after[k] == v).all() for k, v in before.items())
+
+
+def test_max_batch_prefill_tokens_bounds_every_prefill(adapter_dir, monkeypatch) -> None:
+    """TGI's --max-batch-prefill-tokens: a prefill holds at most that many (left-padded) tokens; outputs unchanged."""
+    from serving.batch import Batch
+
+    shapes: list[tuple[int, int]] = []
+    original = Batch.from_requests.__func__
+
+    def spy(cls, requests, *args, **kwargs):
+        batch = original(cls, requests, *args, **kwargs)
+        shapes.append(tuple(batch.input_ids.shape))
+        return batch
+
+    monkeypatch.setattr(Batch, "from_requests", classmethod(spy))
+    longest = max(len(tiny_tokenizer()(p)["input_ids"]) for p in PROMPTS)
+    limit = 2 * longest
+    cases = [(p, a) for p in PROMPTS for a in (None, "flora-a")]
+
+    async def main(engine):
+        outs = await asyncio.gather(*[collect(engine, request(p, a, max_new_tokens=4)) for p, a in cases])
+        await engine.shutdown()
+        return [[o.token.id for o in out] for out in outs]
+
+    unlimited = run(main(make_engine(adapter_dir, ["flora-a"])))
+    shapes.clear()
+    limited = run(main(make_engine(adapter_dir, ["flora-a"], max_batch_prefill_tokens=limit)))
+    assert limited == unlimited
+    assert sum(rows for rows, _ in shapes) == len(cases) and len(shapes) > 1
+    assert all(rows * width <= limit for rows, width in shapes), (limit, shapes)
+    # a prompt longer than the limit still runs, alone
+    engine = make_engine(adapter_dir, max_batch_prefill_tokens=1)
+    shapes.clear()
+    assert len(run(main_one(engine))) == 3
+    assert shapes and all(rows == 1 for rows, _ in shapes)
+
+
+async def main_one(engine) -> list:
+    out = await collect(engine, request(PROMPTS[1], max_new_tokens=3))
+    await engine.shutdown()
+    return out
