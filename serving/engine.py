@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -43,6 +44,11 @@ class EngineLimits:
     # TGI's --max-batch-prefill-tokens: tokens one prefill may hold. Rows are left-padded to the longest prompt, so
     # a prefill of n prompts costs n x the longest; None: no limit beyond max_batch_total_tokens.
     max_batch_prefill_tokens: Optional[int] = None
+    # TGI's router policy for joining a running batch: new requests are prefilled only when at least
+    # ``waiting_served_ratio`` x the running batch size are waiting, or after ``max_waiting_tokens`` decoding steps
+    # without admitting anyone; fewer, larger prefills interrupt decoding less.
+    waiting_served_ratio: float = 1.2
+    max_waiting_tokens: int = 20
 
 
 @dataclass
@@ -93,6 +99,7 @@ class LLMEngine:
         self._accepting = True
         self._stop = False
         self.steps = 0
+        self._steps_since_admit = 0
         self._thread = threading.Thread(target=self._loop, name="flora-scheduler", daemon=True)
         self._thread.start()
 
@@ -196,6 +203,10 @@ class LLMEngine:
         """
         budget = self.limits.max_batch_total_tokens - self._running_budget()
         size = len(self._running) if self._running is not None else 0
+        # TGI counts the queued requests that fit; the waiting count is that bound before adapters are bound
+        recent = self._steps_since_admit < self.limits.max_waiting_tokens
+        if size and recent and len(self._waiting) < math.floor(size * self.limits.waiting_served_ratio):
+            return []
         prefill_limit = self.limits.max_batch_prefill_tokens
         admitted, still_waiting = [], deque()
         longest = 0
@@ -262,6 +273,7 @@ class LLMEngine:
             with self._cond:
                 self._fail(admitted, GenerationError(f"generation failed: {exc}"))
             return
+        self._steps_since_admit = 0
         self._dispatch(outputs)
         if batch is not None:
             with self._cond:
@@ -279,6 +291,7 @@ class LLMEngine:
                 self._fail(failed, GenerationError(f"generation failed: {exc}"))
             return
         self.steps += 1
+        self._steps_since_admit += 1
         self._dispatch(outputs)
         with self._cond:
             self._running = batch
@@ -369,6 +382,8 @@ def build_engine(settings) -> LLMEngine:
         max_concurrent_requests=settings.max_concurrent_requests,
         max_batch_total_tokens=settings.max_batch_total_tokens or max(16384, max_total),
         max_batch_prefill_tokens=settings.max_batch_prefill_tokens,
+        waiting_served_ratio=settings.waiting_served_ratio,
+        max_waiting_tokens=settings.max_waiting_tokens,
     )
     return build_engine_from_parts(
         model,

@@ -37,6 +37,8 @@ class ServerSettings:
     max_total_tokens: Optional[int] = None
     max_batch_total_tokens: Optional[int] = None
     max_batch_prefill_tokens: Optional[int] = None
+    waiting_served_ratio: float = 1.2
+    max_waiting_tokens: int = 20
     max_client_batch_size: int = 4
     dtype: Optional[str] = None
     quantize: Optional[str] = None
@@ -151,6 +153,10 @@ _OPTIONS: list[tuple[str, tuple[str, ...], tuple[str, ...], Any, str]] = [
     ("max_batch_total_tokens", (), ("MAX_BATCH_TOTAL_TOKENS",), int, "token budget of one running batch"),
     ("max_batch_prefill_tokens", (), ("MAX_BATCH_PREFILL_TOKENS",), int,
      "tokens one prefill may hold, prompts left-padded to the longest (default: no limit)"),
+    ("waiting_served_ratio", (), ("WAITING_SERVED_RATIO",), float,
+     "prefill new requests into a running batch once this many times its size are waiting (1.2)"),
+    ("max_waiting_tokens", (), ("MAX_WAITING_TOKENS",), int,
+     "...or after this many decoding steps without admitting any (20)"),
     ("max_client_batch_size", (), ("MAX_CLIENT_BATCH_SIZE",), int, "most prompts or `n` per OpenAI request (4)"),
     ("dtype", (), ("DTYPE",), str, "float16, bfloat16 or float32"),
     ("quantize", (), ("QUANTIZE",), str, "bitsandbytes (8-bit base model)"),
@@ -234,7 +240,15 @@ def _settings_from(values: dict[str, Any], env: Mapping[str, str]) -> ServerSett
         raise ValueError(f"--device must be auto, cpu or cuda[:N], not {values['device']!r}")
     if values.get("dtype") not in (None, "float16", "bfloat16", "float32"):
         raise ValueError(f"--dtype must be float16, bfloat16 or float32, not {values['dtype']!r}")
-    for name in ("max_concurrent_requests", "max_best_of", "max_client_batch_size", "max_loaded_adapters"):
+    if values.get("waiting_served_ratio", 1.0) < 0:
+        raise ValueError("--waiting-served-ratio must be >= 0")
+    for name in (
+        "max_concurrent_requests",
+        "max_best_of",
+        "max_client_batch_size",
+        "max_loaded_adapters",
+        "max_waiting_tokens",
+    ):
         if name in values and values[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     settings = ServerSettings(

@@ -249,3 +249,31 @@ async def main_one(engine) -> list:
     out = await collect(engine, request(PROMPTS[1], max_new_tokens=3))
     await engine.shutdown()
     return out
+
+
+@pytest.mark.parametrize("ratio, max_waiting, joins_after", [(1.2, 20, 0), (100.0, 5, 5)])
+def test_new_requests_join_a_running_batch_by_tgis_policy(adapter_dir, ratio, max_waiting, joins_after) -> None:
+    """waiting_served_ratio / max_waiting_tokens: a lone newcomer joins a running batch of one with TGI's defaults,
+    and only after max_waiting_tokens decoding steps when the ratio asks for more waiting requests than that."""
+    engine = make_engine(adapter_dir, waiting_served_ratio=ratio, max_waiting_tokens=max_waiting)
+    prefills: list[tuple[int, int]] = []  # (decoding steps so far, rows)
+    original = engine._prefill
+
+    def spy(admitted):
+        prefills.append((engine.steps, len(admitted)))
+        return original(admitted)
+
+    engine._prefill = spy
+
+    async def main():
+        first = engine.generate(request(PROMPTS[0], max_new_tokens=30))
+        outs = [await first.__anext__()]  # the first request is decoding
+        second = asyncio.ensure_future(collect(engine, request(PROMPTS[1], max_new_tokens=3)))
+        outs += [o async for o in first]
+        await second
+        await engine.shutdown()
+        return outs
+
+    run(main())
+    assert [rows for _, rows in prefills] == [1, 1]
+    assert prefills[1][0] - prefills[0][0] >= joins_after
