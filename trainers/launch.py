@@ -99,9 +99,7 @@ def check_launcher(command: Sequence[str], deepspeed: Optional[str]) -> None:
         try:
             import deepspeed as _  # noqa: F401
         except ImportError as err:
-            raise LaunchError(
-                "DEEPSPEED= needs the deepspeed package: pip install 'flora-hf[deepspeed]' (on a CUDA machine)"
-            ) from err
+            raise LaunchError("DEEPSPEED= needs the deepspeed package: pip install 'flora-hf[deepspeed]'") from err
     if command[0] == "deepspeed" and shutil.which("deepspeed") is None:
         raise LaunchError("the deepspeed launcher is not on PATH: pip install 'flora-hf[deepspeed]'")
 
