@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import types
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
@@ -236,6 +237,10 @@ def install_routing_hooks(model: nn.Module, config: MiLoRAConfig) -> RoutingRunt
         mask, encoder_mask = prompt_mask_for_call(module, args, kwargs, prefix)
         if runtime.explicit_prompt_mask is not None and mask is not None:
             mask = mask & runtime.explicit_prompt_mask.to(mask.device, torch.bool)
+        if runtime.generate_prompt_length is not None and mask is not None and not runtime.reuse:
+            # generate(use_cache=False) re-runs the whole sequence at every step: route on the prompt part only
+            mask = mask.clone()
+            mask[:, runtime.generate_prompt_length :] = False
         runtime.prompt_mask, runtime.encoder_mask = mask, encoder_mask
 
     def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
@@ -255,7 +260,22 @@ def install_routing_hooks(model: nn.Module, config: MiLoRAConfig) -> RoutingRunt
         model.register_forward_pre_hook(before, with_kwargs=True),
         model.register_forward_hook(after, with_kwargs=True),
     )
+    if not getattr(model.config, "is_encoder_decoder", False) and hasattr(type(model), "generate"):
+        # A bound method in the instance (not a closure), so copy.deepcopy rebinds it to the copy.
+        model.generate = types.MethodType(_generate_knowing_the_prompt, model)
     return runtime
+
+
+def _generate_knowing_the_prompt(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``generate``, telling the routers how long the prompt is, for calls that run without a KV cache."""
+    runtime = getattr(model, RUNTIME_ATTR)
+    prompt = _first_tensor(args, kwargs, "input_ids", "inputs_embeds")
+    previous = runtime.generate_prompt_length
+    runtime.generate_prompt_length = None if prompt is None else prompt.shape[1]
+    try:
+        return type(model).generate(model, *args, **kwargs)
+    finally:
+        runtime.generate_prompt_length = previous
 
 
 def remove_routers(model: nn.Module) -> None:
@@ -270,6 +290,7 @@ def remove_routers(model: nn.Module) -> None:
         for handle in runtime._handles:
             handle.remove()
         object.__delattr__(model, RUNTIME_ATTR)
+        model.__dict__.pop("generate", None)
 
 
 @contextmanager

@@ -44,6 +44,7 @@ class RoutingRuntime:
     encoder_mask: Optional[Tensor] = None
     cache: Any = None
     explicit_prompt_mask: Optional[Tensor] = None
+    generate_prompt_length: Optional[int] = None  # set while ``generate`` runs: the prompt is its first columns
     balance_losses: list[Tensor] = field(default_factory=list)
     local_gates: dict[str, GatesByAdapter] = field(default_factory=dict)
 

@@ -281,3 +281,13 @@ def test_routing_prompt_mask_is_restored_and_warns_without_milora() -> None:
     assert runtime.explicit_prompt_mask is None
     with pytest.warns(UserWarning, match="no MiLoRA adapter"), routing_prompt_mask(tiny_llama(), mask):
         pass
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt_bigcode"])
+def test_generate_without_a_cache_routes_on_the_prompt_too(model_type: str) -> None:
+    # use_cache=False re-runs prompt + generated tokens at every step: routing must still read the prompt alone
+    model = milora(TINY_MODELS[model_type]()).eval()
+    ids = torch.randint(1, 90, (2, 5), generator=torch.Generator().manual_seed(3))
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "do_sample": False}
+    cached = model.generate(**kwargs)
+    assert torch.equal(model.generate(**kwargs, use_cache=False), cached)
