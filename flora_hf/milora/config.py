@@ -94,13 +94,16 @@ class MiLoRAConfig(LayerTunerConfig):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MiLoRA `{name}` must be a positive integer, got {value!r}")
         if self.pooler not in POOLERS:
-            raise ValueError(f"pooler must be one of {POOLERS}, got {self.pooler!r}")
+            raise ValueError(f"unknown pooler {self.pooler!r}: pooler must be one of {POOLERS}")
         if self.rational_form not in ("paper", "safe"):
             raise ValueError(f"rational_form must be 'paper' or 'safe', got {self.rational_form!r}")
         degrees = tuple(self.rational_degrees)
-        if len(degrees) != 2 or not all(isinstance(d, int) and d >= 1 for d in degrees):
+        if len(degrees) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in degrees):
             raise ValueError(f"rational_degrees must be two positive integers (m, n), got {self.rational_degrees!r}")
         self.rational_degrees = degrees
+        alpha = self.lora_alpha
+        if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool)):
+            raise ValueError(f"lora_alpha must be a number or None, got {alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.load_balance_coef < 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from flora_hf.base_layers import linear_features as base_linear_features
-from flora_hf.ops.milora import POOLERS
+from flora_hf.milora import MiLoRAConfig
+from flora_hf.milora.model import split_expert_key
 
 from ..types import AdapterError
 
@@ -129,21 +130,20 @@ def _is_feedforward(config: dict, module_path: str) -> bool:
     return any(module_path == m or module_path.endswith("." + m) for m in ff)
 
 
-def _milora_scaling(config: dict) -> float:
-    rank, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise AdapterError(f"MiLoRA adapter config has an invalid rank r={rank!r}")
-    alpha = rank if alpha is None else alpha
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise AdapterError(f"MiLoRA adapter config has an invalid lora_alpha {alpha!r}")
-    return alpha / rank  # MiLoRAConfig.scaling
+def _milora_config(name: str, config: dict) -> MiLoRAConfig:
+    """The folder's config as a MiLoRAConfig: the class validates it, so the server accepts what PEFT accepts."""
+    known = {f.name for f in fields(MiLoRAConfig)}
+    try:
+        return MiLoRAConfig(**{key: value for key, value in config.items() if key in known})
+    except (TypeError, ValueError) as exc:
+        raise AdapterError(f"adapter {name!r}: invalid MiLoRA config: {exc}") from None
 
 
 _ROUTER_PARTS = {"milora_weight": "weight", "milora_query": "query", "milora_num": "num", "milora_den": "den"}
 
 
 def _parse_tensors(
-    method: Method, config: dict, tensors: dict[str, Tensor]
+    method: Method, config: dict, tensors: dict[str, Tensor], milora: Optional[MiLoRAConfig] = None
 ) -> tuple[dict[str, dict[Role, Tensor]], dict[str, dict[str, Tensor]]]:
     """Per module path its tensors by role; for MiLoRA also per layer path its router tensors by part."""
     modules: dict[str, dict[Role, Tensor]] = {}
@@ -186,7 +186,7 @@ def _parse_tensors(
             rank = roles["lora_a"].shape[0]
             roles["lora_b"] = roles["lora_b"].t().contiguous() * _lora_scaling(config, path, rank)
         elif method == "milora":  # milora_B is (d_out, r), as PEFT's lora_B
-            roles["lora_b"] = roles["lora_b"].t().contiguous() * _milora_scaling(config)
+            roles["lora_b"] = roles["lora_b"].t().contiguous() * milora.scaling
     return modules, routers
 
 
@@ -221,8 +221,6 @@ def _check_against_base(
 
 def split_layer_path(path: str) -> tuple[str, str]:
     """``model.layers.3.self_attn.q_proj`` -> (``model.layers.3``, ``self_attn.q_proj``): a MiLoRA expert's layer."""
-    from flora_hf.milora.model import split_expert_key
-
     try:
         return split_expert_key(path)
     except ValueError as exc:
@@ -231,26 +229,13 @@ def split_layer_path(path: str) -> tuple[str, str]:
 
 def _check_routers(
     name: str,
-    config: dict,
+    milora: MiLoRAConfig,
     modules: dict[str, dict[Role, Tensor]],
     tensors: dict[str, dict[str, Tensor]],
     base: nn.Module,
 ) -> dict[str, RouterWeights]:
     """MiLoRA's routers against its experts and the base model: one per layer with experts, rows = experts."""
-    pooler, form, top_k = config.get("pooler", "attention"), config.get("rational_form", "paper"), config.get("top_k")
-    if pooler not in POOLERS:
-        raise AdapterError(f"adapter {name!r}: unknown pooler {pooler!r}; MiLoRA poolers are {POOLERS}")
-    if form not in ("paper", "safe"):
-        raise AdapterError(f"adapter {name!r}: rational_form must be 'paper' or 'safe', got {form!r}")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise AdapterError(f"adapter {name!r}: top_k must be a positive integer, got {top_k!r}")
-    degrees = config.get("rational_degrees", (6, 5))
-    if (
-        not isinstance(degrees, (list, tuple))
-        or len(degrees) != 2
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in degrees)
-    ):
-        raise AdapterError(f"adapter {name!r}: rational_degrees must be two positive integers, got {degrees!r}")
+    pooler, degrees = milora.pooler, milora.rational_degrees
     hidden = getattr(getattr(base, "config", None), "hidden_size", None)
     if not isinstance(hidden, int):
         raise AdapterError(f"adapter {name!r}: MiLoRA needs the base model config's hidden_size")
@@ -282,8 +267,8 @@ def _check_routers(
             )
         shapes = {
             "weight": (len(names), hidden),
-            "num": (int(degrees[0]) + 1,),
-            "den": (int(degrees[1]),),
+            "num": (degrees[0] + 1,),
+            "den": (degrees[1],),
             "query": (hidden,),
         }
         for part in ("weight", "query", "num", "den"):
@@ -304,8 +289,8 @@ def _check_routers(
             den=parts["den"],
             query=query,
             pooler=pooler,
-            top_k=top_k,
-            rational_form=form,
+            top_k=milora.top_k,
+            rational_form=milora.rational_form,
         )
     return routers
 
@@ -325,7 +310,8 @@ def load_adapter_folder(name: str, folder: str | Path, base: nn.Module, max_rank
     method = methods[peft_type]
     if method == "lora" and config.get("use_dora"):
         raise AdapterError(f"adapter {name!r}: DoRA adapters are not served")
-    modules, router_tensors = _parse_tensors(method, config, _read_tensors(folder))
+    milora = _milora_config(name, config) if method == "milora" else None
+    modules, router_tensors = _parse_tensors(method, config, _read_tensors(folder), milora)
     rank = _check_against_base(name, method, modules, base, max_rank)
-    routers = _check_routers(name, config, modules, router_tensors, base) if method == "milora" else {}
+    routers = _check_routers(name, milora, modules, router_tensors, base) if milora is not None else {}
     return AdapterWeights(name=name, method=method, rank=rank, modules=modules, source=str(folder), routers=routers)
