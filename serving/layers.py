@@ -12,7 +12,7 @@ and come back in the metadata of every decoding step, where each expert's LoRA u
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -198,16 +198,10 @@ def expert_columns(layer: nn.Module) -> tuple[str, ...]:
 
 @dataclass
 class RouterSlot:
-    """One MiLoRA adapter's router for one layer, on the device: the arguments of the math core's ``route``."""
+    """One MiLoRA adapter's router for one layer, on the device (fp32), and where its experts sit in the gates."""
 
-    weight: Tensor
-    num: Tensor
-    den: Tensor
-    query: Optional[Tensor]
-    pooler: str
-    top_k: int
-    rational_form: str
-    columns: Tensor  # (N_adapter,) long: the gate column of each row of ``weight``
+    router: RouterWeights
+    columns: Tensor  # (N_adapter,) long: the gate column of each row of ``router.weight``
 
 
 class SlotRouter:
@@ -239,16 +233,15 @@ class SlotRouter:
             slots.pop(slot, None)
         else:
             to = {"device": self.device, "dtype": torch.float32}  # router and rational stay fp32
-            slots[slot] = RouterSlot(
+            on_device = replace(
+                router,
                 weight=router.weight.to(**to),
                 num=router.num.to(**to),
                 den=router.den.to(**to),
                 query=None if router.query is None else router.query.to(**to),
-                pooler=router.pooler,
-                top_k=router.top_k,
-                rational_form=router.rational_form,
-                columns=torch.tensor([self.columns[e] for e in router.experts], device=self.device),
             )
+            columns = torch.tensor([self.columns[e] for e in router.experts], device=self.device)
+            slots[slot] = RouterSlot(on_device, columns)
         self.slots = slots
 
     def clear_slot(self, slot: int) -> None:
@@ -269,8 +262,9 @@ class SlotRouter:
             if entry is None:  # this adapter has no experts in this layer
                 continue
             mask = routing.prompt_mask.index_select(0, rows)
-            pooled = pool_prompt(hidden.index_select(0, rows), mask, entry.pooler, entry.query)
-            _, routed = route(pooled, entry.weight, entry.num, entry.den, entry.top_k, entry.rational_form)
+            r = entry.router
+            pooled = pool_prompt(hidden.index_select(0, rows), mask, r.pooler, r.query)
+            _, routed = route(pooled, r.weight, r.num, r.den, r.top_k, r.rational_form)
             if gates is None:
                 gates = torch.zeros(hidden.shape[0], len(self.experts), device=hidden.device)
             gates[rows[:, None], entry.columns[None, :]] = routed
