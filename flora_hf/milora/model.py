@@ -234,10 +234,13 @@ def install_routing_hooks(model: nn.Module, config: MiLoRAConfig) -> RoutingRunt
         # A non-empty cache means decoding: reuse the gates stored on it at prefill (the routers raise a clear
         # error when a cache was filled without them).
         runtime.reuse = _cache_length(cache) > 0
+        if runtime.reuse:  # decoding steps read no prompt: skip building its mask on the hot path
+            runtime.prompt_mask = runtime.encoder_mask = None
+            return
         mask, encoder_mask = prompt_mask_for_call(module, args, kwargs, prefix)
         if runtime.explicit_prompt_mask is not None and mask is not None:
             mask = mask & runtime.explicit_prompt_mask.to(mask.device, torch.bool)
-        if runtime.generate_prompt_length is not None and mask is not None and not runtime.reuse:
+        if runtime.generate_prompt_length is not None and mask is not None:
             # generate(use_cache=False) re-runs the whole sequence at every step: route on the prompt part only
             mask = mask.clone()
             mask[:, runtime.generate_prompt_length :] = False
