@@ -7,11 +7,16 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.flora-hf-installed
+# The versions the suite last passed with (pip constraints; torch is TORCH_VERSION above). LOCK= installs from
+# pyproject's ranges instead. `make test-latest` tries the newest allowed releases; `make lock` records them.
+LOCK ?= requirements/lock.txt
+LATEST_VENV ?= .venv-latest
+TEXT_GENERATION := text-generation==0.7.0
 
 # Debian tools the tests drive for real: speech synthesis, an MP3 encoder, interpreters for pass@k.
 APT_PACKAGES ?= espeak-ng lame perl libtest-deep-perl ruby lua5.4
 
-.PHONY: setup system-deps demo test lint format bench-layer bench-serve bench-milora docker clean
+.PHONY: setup system-deps demo test test-latest lock lint format bench-layer bench-serve bench-milora docker clean
 
 setup: $(STAMP) system-deps
 
@@ -23,13 +28,28 @@ system-deps:
 		else echo "missing Debian packages:$$missing (tests that need them will be skipped)"; fi; \
 	fi
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PY) -c 'import torch' 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)  # keep a CUDA build already there
-	$(PIP) install -q -e ".[dev]"
+# install-into VENV CONSTRAINTS: the project and its dev tools into the virtual environment VENV, torch first
+define install-into
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/pip install -q --upgrade pip
+	# keep a torch already there (a CUDA build); else the CPU build, before anything can ask for a CUDA one
+	$(1)/bin/python -c 'import torch' 2>/dev/null || $(1)/bin/pip install -q torch==$(TORCH_VERSION)
+	# ...and hold it there: nothing below may upgrade torch (an upgrade means several GB of CUDA wheels)
+	$(1)/bin/python -c 'import torch; print("torch==" + torch.__version__)' > $(1)/torch-constraint.txt
+	$(1)/bin/pip install -q -c $(1)/torch-constraint.txt $(2) -e ".[dev]"
 	# the text-generation client pins huggingface-hub<1.0, which transformers 5 outgrew; its code works with 1.x+
-	$(PIP) install -q --no-deps "text-generation==0.7.0"
+	$(1)/bin/pip install -q --no-deps "$(TEXT_GENERATION)"
+endef
+
+# check-with PYTHON: what CI runs (lint, format, the suite)
+define check-with
+	$(1) -m ruff check .
+	$(1) -m ruff format --check .
+	$(1) -m pytest -q
+endef
+
+$(STAMP): pyproject.toml $(LOCK)
+	$(call install-into,$(VENV),$(if $(LOCK),-c $(LOCK)))
 	touch $(STAMP)
 
 demo: setup
@@ -37,9 +57,24 @@ demo: setup
 	$(PY) -m trainers.demo_serve
 
 test: setup
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q
+	$(call check-with,$(PY))
+
+# Drift before users meet it (not in CI): a throwaway environment with the newest releases pyproject allows,
+# the same checks as `make test`, and the versions it got beside the lock's.
+test-latest: system-deps
+	rm -rf $(LATEST_VENV)
+	$(call install-into,$(LATEST_VENV),--upgrade --upgrade-strategy eager)
+	$(LATEST_VENV)/bin/python requirements/versions.py --against $(LOCK)
+	$(call check-with,$(LATEST_VENV)/bin/python)
+	@echo "test-latest: green with the versions above; 'make lock' records them in $(LOCK)"
+
+# Refresh the lock on purpose: only after the newest allowed releases pass the suite.
+lock: test-latest
+	{ echo "# pip constraints: the versions \`make test\` last passed with (written by \`make lock\`, $$(date -u +%F))."; \
+	  echo "# $$($(LATEST_VENV)/bin/python requirements/versions.py)"; \
+	  echo "# Made on $$(uname -sm); torch is installed first, as TORCH_VERSION=$(TORCH_VERSION) in the Makefile."; \
+	  $(LATEST_VENV)/bin/pip freeze --exclude-editable --exclude torch --exclude flora-hf; } > $(LOCK)
+	@echo "lock: wrote $(LOCK); commit it with the change that needed it"
 
 lint: setup
 	$(PY) -m ruff check .
@@ -63,7 +98,7 @@ docker:
 	docker build -f serving/Dockerfile -t flora-serve .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache bench/results
+	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache .ruff_cache bench/results
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training recipes and evaluators (configs/*.yaml; flora-train / flora-eval do the work, `--help` lists everything).
@@ -84,13 +119,20 @@ clean:
 #               Whisper 6e-3 / 2e-4 / 4e-3 for FLoRA / LoRA / IA3; MiLoRA 1e-4)
 #   OUTPUT_DIR  default out/<recipe>-<languages>[-<method>]; RESUME=latest (or a checkpoint folder) resumes
 #   RECIPE      another recipe for the same target, e.g. RECIPE=tiny-code (offline, CPU)
+#   SET         any other recipe key, space-separated KEY=VALUE pairs: SET="eval_steps=25 block_size=512"
+#   ALLOW_CPU=1 without a CUDA GPU, train even a model estimated too large for this machine's memory (a model
+#               that fits trains on the CPU anyway, with a warning stating its cost)
+#   LAUNCHER    deepspeed | accelerate | torchrun (default deepspeed); NUM_GPUS processes (default: every GPU)
 #   ADAPTER     eval: adapter or run folder (default: the train target's OUTPUT_DIR default)
 #   PROBLEMS    eval-starcoder: MultiPL-E jsonl (default: nuprl/MultiPL-E from the hub); SERVER: a flora-serve URL
 #               (then ADAPTER_ID: the adapters' names there, default the languages; no local ADAPTER needed);
-#               N_SAMPLES (default 100), LIMIT (first N problems or clips), SPLIT (eval-whisper, default test)
+#               N_SAMPLES (default 100), K (pass@k's k, e.g. 1,10), TEMPERATURE (default 0.1), COMPARE_BASE=1,
+#               LIMIT (first N problems or clips), SPLIT and NUM_BEAMS (eval-whisper), MAX_NEW_TOKENS,
+#               EVAL_BATCH_SIZE, SEED, REPORT (the JSON report's path)
 #   make reproduce-small: FLoRA vs LoRA vs IA3 at toy scale on the CPU (CODE_STEPS default 300, SPEECH_STEPS 400,
 #               OUTPUT_DIR default out/reproduce-small)
-# Full-scale recipes stop at once, saying why, on a machine without a GPU, or without the hub for hub data/models.
+# Full-scale recipes stop at once, saying why, without the hub for hub data/models, or on a machine without a GPU
+# when the model is too large for its memory (ALLOW_CPU=1 tries anyway).
 .PHONY: train-starcoder train-whisper eval-starcoder eval-whisper reproduce-small
 
 comma := ,
@@ -101,11 +143,14 @@ TRAIN_ARGS = $(if $(LANGS),--langs $(LANGS),--lang $(or $(CLI_LANG),$(1))) $(if 
 	$(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(DEEPSPEED),--deepspeed $(DEEPSPEED)) \
 	$(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(OUTPUT_DIR),--output-dir $(OUTPUT_DIR)) \
 	$(if $(RANK),--rank $(RANK)) $(if $(LR),--lr $(LR)) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
-	$(if $(RESUME),--resume $(RESUME))
+	$(if $(RESUME),--resume $(RESUME)) $(if $(ALLOW_CPU),--allow-cpu) $(foreach kv,$(SET),--set $(kv)) \
+	$(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(NUM_GPUS),--num-gpus $(NUM_GPUS))
 # with SERVER, the adapters live on the server (ADAPTER_ID, default the language names): no local folder needed
 EVAL_ARGS = --lang $(call RUN_LANGS,$(1)) \
 	$(if $(or $(ADAPTER),$(if $(SERVER),,local)),--adapter $(or $(ADAPTER),out/$(2)-$(call RUN_NAME,$(1)))) \
-	$(if $(MODEL),--model $(MODEL)) $(if $(LIMIT),--limit $(LIMIT))
+	$(if $(MODEL),--model $(MODEL)) $(if $(LIMIT),--limit $(LIMIT)) $(if $(MAX_NEW_TOKENS),--max-new-tokens \
+	$(MAX_NEW_TOKENS)) $(if $(EVAL_BATCH_SIZE),--batch-size $(EVAL_BATCH_SIZE)) $(if $(SEED),--seed $(SEED)) \
+	$(if $(REPORT),--out $(REPORT))
 # the child gets a real locale back (make exports a command-line LANG=perl to recipes), and the environment's
 # launchers (deepspeed, accelerate) on PATH, as an activated environment would have them
 RUN_ENV = LANG=C.UTF-8 PATH="$(abspath $(VENV))/bin:$$PATH"
@@ -121,11 +166,13 @@ train-whisper: setup
 eval-starcoder: setup
 	$(RUN_ENV) $(VENV)/bin/flora-eval --task code $(call EVAL_ARGS,perl,$(or $(RECIPE),starcoder)) \
 		$(if $(PROBLEMS),--problems $(PROBLEMS)) $(if $(N_SAMPLES),--n-samples $(N_SAMPLES)) \
+		$(if $(K),--k $(K)) $(if $(TEMPERATURE),--temperature $(TEMPERATURE)) $(if $(COMPARE_BASE),--compare-base) \
 		$(if $(SERVER),--server $(SERVER) --adapter-id $(or $(ADAPTER_ID),$(call RUN_LANGS,perl)))
 
 eval-whisper: setup
 	$(RUN_ENV) $(VENV)/bin/flora-eval --task speech $(call EVAL_ARGS,mr,$(or $(RECIPE),whisper)) \
-		$(if $(DATA),--data $(DATA)) $(if $(SPLIT),--split $(SPLIT)) --compare-base
+		$(if $(DATA),--data $(DATA)) $(if $(SPLIT),--split $(SPLIT)) $(if $(NUM_BEAMS),--num-beams $(NUM_BEAMS)) \
+		--compare-base
 
 reproduce-small: setup
 	$(RUN_ENV) $(PY) -m trainers.reproduce_small $(if $(CODE_STEPS),--code-steps $(CODE_STEPS)) \

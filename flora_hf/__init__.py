@@ -7,8 +7,10 @@ transformers' ``model.add_adapter(FLoRAConfig(...))`` work as for built-in metho
 import logging
 
 # bitsandbytes (imported by PEFT when installed) warns at import on CPUs with AVX512-BF16 that an optional 4-bit
-# kernel package is missing; flora-hf never uses 4-bit CPU kernels, so that warning is noise for our users.
+# kernel package is missing, and with HF_HUB_OFFLINE set the `kernels` package it asks for that kernel says it skipped
+# a publisher check; flora-hf never uses 4-bit CPU kernels, so both are noise for our users.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("kernels._internals.hf_hub").setLevel(logging.ERROR)
 
 from .flora import FLoRAConfig, FLoRALayer, FLoRAModel  # noqa: E402
 from .milora import MiLoRAConfig, MiLoRALayer, MiLoRAModel, MiLoRARouter, routing_prompt_mask  # noqa: E402

@@ -44,7 +44,7 @@ class Batch:
     stopping: list[StoppingCriteria]
     detokenizers: list[IncrementalDetokenizer]
     generated: list[int] = field(default_factory=list)
-    past_key_values: Optional[DynamicCache] = None
+    cache: Optional[DynamicCache] = None  # the KV cache, once the prefill has made it
     prefill_done: bool = False
     milora_gates: dict[str, Tensor] = field(default_factory=dict)  # layer path -> (B, N) gates from the prefill
     expert_gates: Optional[dict[str, RoutedGates]] = None  # derived from milora_gates, cached for these rows
@@ -101,7 +101,7 @@ class Batch:
         # drop left columns that are padding for every remaining row
         trim = int((attention_mask.cumsum(-1) == 0).sum(-1).min().item())
         attention_mask = attention_mask[:, trim:]
-        cache = self.past_key_values
+        cache = self.cache
         if cache is not None:
             for layer in cache.layers:
                 layer.keys = layer.keys[index, :, trim:]
@@ -117,7 +117,7 @@ class Batch:
             stopping=[self.stopping[i] for i in rows],
             detokenizers=[self.detokenizers[i] for i in rows],
             generated=[self.generated[i] for i in rows],
-            past_key_values=cache,
+            cache=cache,
             prefill_done=self.prefill_done,
             milora_gates={key: gates.index_select(0, index) for key, gates in self.milora_gates.items()},
         )
@@ -128,15 +128,15 @@ class Batch:
         """Merge decoding batches (each past prefill) into one, left-padding masks and KV caches to one length."""
         if len(batches) == 1:
             return batches[0]
-        if not all(b.prefill_done and b.past_key_values is not None for b in batches):
+        if not all(b.prefill_done and b.cache is not None for b in batches):
             raise ValueError("only batches past their prefill can be concatenated")
         past = max(b.attention_mask.shape[1] for b in batches)
         masks, layers_k, layers_v = [], None, None
         for b in batches:
             pad = past - b.attention_mask.shape[1]
             masks.append(torch.nn.functional.pad(b.attention_mask, (pad, 0)))
-            ks = [torch.nn.functional.pad(layer.keys, (0, 0, pad, 0)) for layer in b.past_key_values.layers]
-            vs = [torch.nn.functional.pad(layer.values, (0, 0, pad, 0)) for layer in b.past_key_values.layers]
+            ks = [torch.nn.functional.pad(layer.keys, (0, 0, pad, 0)) for layer in b.cache.layers]
+            vs = [torch.nn.functional.pad(layer.values, (0, 0, pad, 0)) for layer in b.cache.layers]
             layers_k = [[k] for k in ks] if layers_k is None else [acc + [k] for acc, k in zip(layers_k, ks)]
             layers_v = [[v] for v in vs] if layers_v is None else [acc + [v] for acc, v in zip(layers_v, vs)]
         gates: dict[str, Tensor] = {}
@@ -144,7 +144,7 @@ class Batch:
             like = next(b.milora_gates[key] for b in batches if key in b.milora_gates)
             parts = [b.milora_gates.get(key, like.new_zeros(len(b), like.shape[1])) for b in batches]
             gates[key] = torch.cat(parts)
-        cache = batches[0].past_key_values
+        cache = batches[0].cache
         for layer, ks, vs in zip(cache.layers, layers_k, layers_v):
             layer.keys = torch.cat(ks)
             layer.values = torch.cat(vs)
@@ -159,7 +159,7 @@ class Batch:
             stopping=[s for b in batches for s in b.stopping],
             detokenizers=[d for b in batches for d in b.detokenizers],
             generated=[g for b in batches for g in b.generated],
-            past_key_values=cache,
+            cache=cache,
             prefill_done=True,
             milora_gates=gates,
         )

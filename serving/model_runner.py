@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from flora_hf.cache_compat import cache_kwargs, output_cache
+
 from .batch import Batch
 from .layers import AdapterContext, PromptRouting, StepMetadata, expert_gates
 from .sampling import top_n_tokens
@@ -87,7 +89,7 @@ class CausalLMRunner:
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids,
-                past_key_values=batch.past_key_values or DynamicCache(config=self.model.config),
+                **cache_kwargs(self.model, batch.cache or DynamicCache(config=self.model.config)),
                 use_cache=True,
             )
         finally:
@@ -135,7 +137,7 @@ class CausalLMRunner:
             if not stop:
                 keep.append(req.id)
 
-        batch.past_key_values = out.past_key_values
+        batch.cache = output_cache(out)
         batch.input_ids = next_ids[:, None]
         batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(batch), 1)], dim=1)
         batch.position_ids = batch.position_ids[:, -1:] + 1

@@ -9,7 +9,9 @@ to its own language's adapter; single-language runs leave the key out (the one a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -17,6 +19,8 @@ from torch.utils.data import Dataset, Subset
 
 from .base_models import LoadedBase
 from .recipe import Recipe, RecipeError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -197,6 +201,20 @@ def build_speech_data(recipe: Recipe, base: LoadedBase) -> RecipeData:
         adapter_key="adapter_names" if recipe.multi_adapter else None,
     )
     return RecipeData(merged, held, collator, summary)
+
+
+def fit_block_size(recipe: Recipe, model_config: Any) -> Recipe:
+    """``recipe`` with its code blocks no longer than the model's positions (a smaller model than the recipe's)."""
+    positions = getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
+    if recipe.task != "code" or not positions or recipe.block_size <= positions:
+        return recipe
+    logger.warning(
+        "block_size %d is longer than the model's %d positions: packing %d-token blocks instead",
+        recipe.block_size,
+        positions,
+        positions,
+    )
+    return dataclasses.replace(recipe, block_size=int(positions))
 
 
 def build_data(recipe: Recipe, base: LoadedBase) -> RecipeData:

@@ -31,9 +31,10 @@ import torch
 
 from .base_models import LoadedBase, ModelUnavailable, hub_reachable, load_base, model_problem
 from .bilevel import MiLoRATrainerMixin, validation_dataset
+from .cpu_budget import cpu_run_problem
 from .launch import LaunchError, build_launch_command, check_launcher, launch_env, needs_launch, read_deepspeed_config
 from .recipe import Recipe, RecipeError, load_recipe
-from .recipe_data import RecipeData, build_data
+from .recipe_data import RecipeData, build_data, fit_block_size
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +323,7 @@ def train(
     resume = resolve_resume(recipe, output_dir)
     set_seed(recipe.seed)
     base = base or load_base(recipe, progress)
+    recipe = fit_block_size(recipe, base.model.config)
     set_generation_language(base.model, recipe)
     data = data or build_data(recipe, base)
     for line in data.summary:
@@ -371,13 +373,6 @@ def preflight(recipe: Recipe, allow_cpu: bool = False, reachable: Optional[bool]
     """Everything that would make the run fail later, found now: no GPU for a full-scale recipe, a model or data
     set neither local nor downloadable, a broken DeepSpeed config. Empty when the run can start."""
     problems: list[str] = []
-    if recipe.scale == "full" and not torch.cuda.is_available() and not allow_cpu:
-        tiny = "tiny-code" if recipe.task == "code" else "tiny-whisper"
-        problems.append(
-            f"the {recipe.name} recipe is full scale ({recipe.model}, {recipe.max_steps} steps at batch "
-            f"{recipe.batch_size}) and needs a CUDA GPU; this machine has none. On a CPU run the offline recipe "
-            f"(flora-train --recipe {tiny}, or make reproduce-small), or pass --allow-cpu to try anyway"
-        )
 
     def online() -> bool:
         nonlocal reachable
@@ -388,6 +383,11 @@ def preflight(recipe: Recipe, allow_cpu: bool = False, reachable: Optional[bool]
     problem = model_problem(recipe.model, online)
     if problem is not None:
         problems.append(problem)
+    elif recipe.scale == "full" and not torch.cuda.is_available():
+        # a model that fits trains on the CPU with a warning stating its cost; only one too large is refused
+        problem = cpu_run_problem(recipe, allow_cpu)
+        if problem is not None:
+            problems.append(problem)
     for lang, source in recipe.data_sources().items():
         if source in ("builtin", "synthetic"):
             continue
@@ -447,7 +447,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--num-gpus", type=int, help="processes to launch (default: every visible GPU)")
     p.add_argument("--print-launch", action="store_true", help="print the launch command and stop")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and stop")
-    p.add_argument("--allow-cpu", action="store_true", help="run a full-scale recipe without a GPU anyway")
+    p.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="without a CUDA GPU, train even a model estimated too large for this machine's memory (ALLOW_CPU=1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -483,6 +487,12 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return load_recipe(args.recipe, overrides)
 
 
+def _refuse_problems(recipe: Recipe, allow_cpu: bool) -> None:
+    problems = preflight(recipe, allow_cpu)
+    if problems:
+        raise RecipeError("\n  - ".join(["cannot start this run:", *problems]))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -496,18 +506,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             command = build_launch_command(
                 argv, launcher=args.launcher, num_gpus=args.num_gpus, deepspeed=recipe.deepspeed
             )
-            print(f"flora-train: launching {shlex.join(command)}", file=sys.stderr)
             if args.print_launch:
                 print(shlex.join(command))
                 return 0
-            problems = preflight(recipe, args.allow_cpu)
-            if problems:
-                raise RecipeError("\n  - ".join(["cannot start this run:", *problems]))
+            _refuse_problems(recipe, args.allow_cpu)  # checked before the launch is announced
             check_launcher(command, recipe.deepspeed)
+            print(f"flora-train: launching {shlex.join(command)}", file=sys.stderr)
             return subprocess.call(command, env=launch_env())
-        problems = preflight(recipe, args.allow_cpu)
-        if problems:
-            raise RecipeError("\n  - ".join(["cannot start this run:", *problems]))
+        _refuse_problems(recipe, args.allow_cpu)
         result = train(recipe, progress=not args.no_progress)
     except (RecipeError, ModelUnavailable, LaunchError, FileNotFoundError) as err:
         print(f"flora-train: error: {err}", file=sys.stderr)

@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from ..cache_compat import cache_length, find_cache, output_cache
 from ..per_example import per_example_forward
 from .config import (
     DEFAULT_ROUTING_PREFIX,
@@ -36,14 +37,6 @@ def split_expert_key(key: str) -> tuple[str, str]:
             "does not: leave it out of target_modules"
         )
     return match.group(1), match.group(2)
-
-
-def _cache_length(cache: Any) -> int:
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple caches
 
 
 def _first_tensor(args: tuple, kwargs: dict[str, Any], *names: str) -> Optional[Tensor]:
@@ -227,13 +220,13 @@ def install_routing_hooks(model: nn.Module, config: MiLoRAConfig) -> RoutingRunt
     # shares hook functions between the copies but gives the copy's routers their own runtime.
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         runtime = getattr(module, RUNTIME_ATTR)
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs)
         runtime.in_model_call = True
         runtime.cache = cache
         runtime.local_gates = {}
         # A non-empty cache means decoding: reuse the gates stored on it at prefill (the routers raise a clear
         # error when a cache was filled without them).
-        runtime.reuse = _cache_length(cache) > 0
+        runtime.reuse = cache_length(cache) > 0
         if runtime.reuse:  # decoding steps read no prompt: skip building its mask on the hot path
             runtime.prompt_mask = runtime.encoder_mask = None
             return
@@ -249,7 +242,9 @@ def install_routing_hooks(model: nn.Module, config: MiLoRAConfig) -> RoutingRunt
     def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         runtime = getattr(module, RUNTIME_ATTR)
         runtime.in_model_call = False
-        created = output.get("past_key_values") if isinstance(output, dict) else None
+        created = output_cache(output)
+        if runtime.cache is None and created is not None:
+            _refuse_a_cache_it_did_not_see(module, created, args, kwargs)
         if runtime.cache is None and runtime.local_gates and hasattr(created, "get_seq_length"):
             # A prefill without a cache passed in (a hand-written decoding loop: model(ids, use_cache=True)) made
             # its cache inside the model: the gates go with it, so the next step can reuse them.
@@ -267,6 +262,25 @@ def install_routing_hooks(model: nn.Module, config: MiLoRAConfig) -> RoutingRunt
         # A bound method in the instance (not a closure), so copy.deepcopy rebinds it to the copy.
         model.generate = types.MethodType(_generate_knowing_the_prompt, model)
     return runtime
+
+
+def _refuse_a_cache_it_did_not_see(module: nn.Module, created: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Raise when a forward returned a cache holding more tokens than it was given: the cache came in by a way the
+    hook cannot see (a new argument name, a positional argument), so this call routed on new tokens as if they
+    were a prompt. Decoding must reuse the prefill's gates, never quietly re-route."""
+    if getattr(module.config, "is_encoder_decoder", False):
+        tokens = _first_tensor((), kwargs, "decoder_input_ids", "decoder_inputs_embeds")
+    else:
+        tokens = _first_tensor(args, kwargs, "input_ids", "inputs_embeds")
+    if tokens is None or tokens.dim() < 2 or not hasattr(created, "get_seq_length"):
+        return
+    if cache_length(created) > tokens.shape[1]:
+        raise RuntimeError(
+            "MiLoRA: this forward extended a KV cache that it could not find among its arguments (looked for "
+            "cache / past_key_values / cache_params and any transformers Cache), so it cannot reuse the prompt's "
+            "routing and would re-route on decoding tokens; pass the cache by keyword (cache= on transformers "
+            "5.24+, past_key_values= before)"
+        )
 
 
 def _generate_knowing_the_prompt(model: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 from flora_hf import routing_prompt_mask
+from flora_hf.cache_compat import cache_argument, cache_kwargs, output_cache
 from flora_hf.ops.milora import POOLERS
 from tests.milora.helpers import gates_of, milora, recorded_routing, routers
 from tests.models import TINY_MODELS, model_inputs, tiny_llama, tiny_whisper
@@ -158,10 +161,21 @@ def test_whisper_cached_decoding_equals_full_forward_with_forced_prompt_routing(
     assert (everywhere - steps).abs().max() > 1e-3
 
 
+CACHE_SPELLINGS = ["past_key_values", "cache"]  # transformers 5.24 renamed the first to the second
+
+
+def cache_spelling(model, spelling: str) -> str:
+    if spelling == "cache" and cache_argument(model.base_model.model) != "cache":
+        pytest.skip("this transformers release predates the cache= spelling (5.24)")
+    return spelling
+
+
+@pytest.mark.parametrize("spelling", CACHE_SPELLINGS)
 @pytest.mark.parametrize("model_type", ["llama", "whisper"])
-def test_hand_written_decoding_loop_reuses_prefill_gates(model_type: str, monkeypatch) -> None:
+def test_hand_written_decoding_loop_reuses_prefill_gates(model_type: str, spelling: str, monkeypatch) -> None:
     # model(prompt, use_cache=True) creates its cache inside the model: the gates must go with it.
     model = milora(TINY_MODELS[model_type]())
+    spelling = cache_spelling(model, spelling)
     inputs = model_inputs(model, 2, seq=4)
     key = "decoder_input_ids" if model_type == "whisper" else "input_ids"
     tokens = inputs.pop(key)
@@ -171,21 +185,40 @@ def test_hand_written_decoding_loop_reuses_prefill_gates(model_type: str, monkey
         for _ in range(4):
             logits.append(out.logits[:, -1])
             tokens = torch.cat([tokens, out.logits[:, -1:].argmax(-1)], 1)
-            out = model(**inputs, **{key: tokens[:, -1:]}, past_key_values=out.past_key_values, use_cache=True)
+            out = model(**inputs, **{key: tokens[:, -1:], spelling: output_cache(out)}, use_cache=True)
     decoder_routers = [r.key for r in routers(model) if not r.is_encoder]
     assert sorted(key for key, *_ in calls if key in decoder_routers) == sorted(decoder_routers)  # at prefill only
     routed, _ = full_forward_logits(model, tokens, 4, **inputs)
     torch.testing.assert_close(torch.stack(logits, 1), routed, atol=1e-5, rtol=0)
 
 
-def test_cache_filled_without_routing_is_a_clear_error() -> None:
+@pytest.mark.parametrize("spelling", CACHE_SPELLINGS)
+def test_cache_filled_without_routing_is_a_clear_error(spelling: str) -> None:
     model = milora(tiny_llama())
+    spelling = cache_spelling(model, spelling)
     ids = model_inputs(model, 2, seq=4)["input_ids"]
     with torch.no_grad():
         with model.disable_adapter():
-            cache = model(input_ids=ids, use_cache=True).past_key_values
+            cache = output_cache(model(input_ids=ids, use_cache=True))
         with pytest.raises(RuntimeError, match="KV cache without routing decisions"):
-            model(input_ids=ids[:, :1], past_key_values=cache)
+            model(input_ids=ids[:, :1], **{spelling: cache})
+
+
+def test_a_cache_the_hooks_cannot_see_is_an_error_not_a_re_route(monkeypatch) -> None:
+    # A cache passed positionally reaches the model without passing the hook's keyword lookup: decoding would
+    # route on the new token as if it were a prompt. It must raise instead.
+    model = milora(tiny_llama())
+    inner = model.base_model.model
+    ids = model_inputs(model, 2, seq=4)["input_ids"]
+    with torch.no_grad():
+        cache = output_cache(inner(input_ids=ids, use_cache=True))
+        names = list(inspect.signature(type(inner).forward).parameters)
+        position = names.index(cache_argument(inner)) - 1  # without self
+        args = [None] * (position + 1)
+        args[0], args[position] = ids[:, :1], cache
+        with recorded_routing(monkeypatch) as calls, pytest.raises(RuntimeError, match="could not find"):
+            inner(*args, use_cache=True)
+    assert calls  # it did route: the error is what stops a silently re-routed decoding step
 
 
 # ------------------------------------------------------------------------------------------- beams and reordering
@@ -214,11 +247,11 @@ def test_gates_follow_cache_row_operations(method: str, arg, rows: list[int]) ->
     ids = model_inputs(model, 3, seq=5)["input_ids"]
     step = model_inputs(model, len(rows), seq=1, seed=3)["input_ids"]
     with torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids, use_cache=True))
         getattr(cache, method)(arg)
-        got = model(input_ids=step, past_key_values=cache).logits
-        expected_cache = model(input_ids=ids[rows], use_cache=True).past_key_values
-        expected = model(input_ids=step, past_key_values=expected_cache).logits
+        got = model(input_ids=step, **cache_kwargs(model.base_model.model, cache)).logits
+        expected_cache = output_cache(model(input_ids=ids[rows], use_cache=True))
+        expected = model(input_ids=step, **cache_kwargs(model.base_model.model, expected_cache)).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 

@@ -18,6 +18,7 @@ from peft import IA3Config, LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
 from flora_hf import FLoRAConfig, MiLoRAConfig
+from flora_hf.cache_compat import cache_kwargs, output_cache
 from serving.adapters.loader import load_adapter_folder
 from serving.adapters.store import AdapterStore
 from serving.batch import Batch, RowAdapter
@@ -145,7 +146,7 @@ def _prefill_batch(store: AdapterStore, prompts: list[str], names: list) -> Batc
 
 def _advance(batch: Batch, out, next_ids: torch.Tensor) -> None:
     """What generate_token does to a batch after a forward, with the tokens chosen by the test."""
-    batch.past_key_values = out.past_key_values
+    batch.cache = output_cache(out)
     batch.input_ids = next_ids[:, None]
     batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(batch), 1)], dim=1)
     batch.position_ids = batch.position_ids[:, -1:] + 1
@@ -172,11 +173,11 @@ def test_prefill_and_decode_logits_match_peft_in_a_padded_batch(adapter_dir) -> 
             next_ids = out.logits[:, -1].argmax(-1)
             for row, ref in enumerate(references):
                 model, ids, cache = ref
-                expected = model(input_ids=ids, past_key_values=cache, use_cache=True)
+                expected = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
                 width = ids.shape[1]
                 got = out.logits[row, -width:] if step == 0 else out.logits[row, -1:]
                 torch.testing.assert_close(got, expected.logits[0], atol=1e-5, rtol=0, msg=f"step {step} row {row}")
-                ref[1], ref[2] = next_ids[row : row + 1, None], expected.past_key_values
+                ref[1], ref[2] = next_ids[row : row + 1, None], output_cache(expected)
             _advance(batch, out, next_ids)
     assert store.router_counts() == {"model.layers.0": 2, "model.layers.1": 2}  # two MiLoRA prompts, routed once
     store.close()

@@ -187,16 +187,22 @@ def test_whisper_resume_reaches_the_same_state(speech_run: Path, tmp_path: Path,
 
 
 # ----------------------------------------------------------------------------------------------- fail fast
-def test_full_scale_recipe_fails_fast_without_gpu_or_hub(monkeypatch, capsys) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+def test_full_scale_recipe_fails_fast_without_the_hub(monkeypatch, capsys) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["--recipe", "starcoder", "--lang", "perl"]) == 2
     err = capsys.readouterr().err
-    assert "needs a CUDA GPU" in err and "MODEL=path/to/folder" in err and "DATA=path/to/perl-sources" in err
+    assert "MODEL=path/to/folder" in err and "DATA=path/to/perl-sources" in err
     recipe = load_recipe("whisper", {"LANG": "mr"})
-    problems = preflight(recipe, allow_cpu=True, reachable=False)
-    assert len(problems) == 2 and "cv-corpus" in problems[1]
+    problems = preflight(recipe, allow_cpu=False, reachable=False)
+    assert len(problems) == 2 and "openai/whisper-large" in problems[0] and "cv-corpus" in problems[1]
+
+
+def test_a_deepspeed_run_that_cannot_start_is_not_announced_as_launching(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["--recipe", "starcoder", "--lang", "perl", "--deepspeed", "configs/ds_zero2.json", "--num-gpus", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot start this run" in err and "launching" not in err
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path, tmp_path_factory, capsys) -> None:
