@@ -12,10 +12,21 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import Tensor, nn
+
+from .checkpointing import replay_adapter_state_in_checkpoints
 
 BASE_ADAPTER_NAME = "__base__"
 """PEFT's name for "no adapter" in ``adapter_names``."""
+
+
+def length_mismatch(names: int, inputs: int) -> str:
+    """PEFT's wording (users grep for it), then what to do."""
+    return (
+        f"Length of `adapter_names` should be the same as the number of inputs, but got {names} and {inputs} "
+        "respectively. Pass one adapter name per example."
+    )
 
 
 def as_adapter_names(names: Sequence[str]) -> tuple[str, ...]:
@@ -45,19 +56,18 @@ class AdapterBatch:
         cached = self._indices.get(key)
         if cached is not None:
             return cached
-        n = len(self.names)
-        if rows % n != 0:
-            raise ValueError(
-                f"adapter_names has {n} entries but the layer received a batch of {rows} rows; pass one adapter "
-                "name per example"
-            )
         position = {name: k for k, name in enumerate(bank_order, start=1)}
-        idx = torch.tensor([position.get(name, 0) for name in self.names], dtype=torch.long)
-        if rows != n:
-            idx = idx.repeat_interleave(rows // n)
+        idx = torch.tensor([position.get(name, 0) for name in self.names_for_rows(rows)], dtype=torch.long)
         idx = idx.to(device)
         self._indices[key] = idx
         return idx
+
+    def names_for_rows(self, rows: int) -> tuple[str, ...]:
+        """One name per row of a layer input of ``rows`` rows (``generate`` repeats each example consecutively)."""
+        n = len(self.names)
+        if rows % n != 0:
+            raise ValueError(length_mismatch(n, rows))
+        return self.names if rows == n else tuple(name for name in self.names for _ in range(rows // n))
 
 
 def _in_backward() -> bool:
@@ -73,9 +83,12 @@ class PerExampleAdapterLayer:
     _saved_adapter_batch: Optional[AdapterBatch] = None
 
     def current_adapter_batch(self) -> Optional[AdapterBatch]:
-        if _in_backward():
+        # A recompute under transformers' checkpointing has its forward's batch restored (checkpointing.py); one
+        # under a hand-made torch.utils.checkpoint falls back to the batch of the last forward (saved in any grad
+        # mode: reentrant checkpointing runs its first forward without autograd).
+        if _in_backward() and self._adapter_batch is None:
             return self._saved_adapter_batch
-        if torch.is_grad_enabled():
+        if not _in_backward():
             self._saved_adapter_batch = self._adapter_batch
         return self._adapter_batch
 
@@ -117,8 +130,8 @@ def check_adapter_names(model: nn.Module, names: Sequence[str]) -> None:
     unknown = sorted({n for n in names if n != BASE_ADAPTER_NAME} - known)
     if unknown:
         raise ValueError(
-            f"unknown adapter name(s) {unknown}; known adapters: {sorted(known)} (or {BASE_ADAPTER_NAME!r} for "
-            "the base model)"
+            f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Known adapters: {sorted(known)} "
+            f"(or {BASE_ADAPTER_NAME!r} for the base model)"
         )
 
 
@@ -137,14 +150,41 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Ad
     if not layers:
         raise ValueError("the model has no flora-hf adapter layers; add an adapter first")
     check_adapter_names(model, batch.names)
-    previous = [layer._adapter_batch for layer in layers]
-    for layer in layers:
-        layer._adapter_batch = batch
+    holders = [*layers, *mixed_batch_wrappers(model)]
+    previous = [holder._adapter_batch for holder in holders]
+    for holder in holders:
+        holder._adapter_batch = batch
+    replay_adapter_state_in_checkpoints(model)
     try:
         yield batch
     finally:
-        for layer, prev in zip(layers, previous):
-            layer._adapter_batch = prev
+        for holder, prev in zip(holders, previous):
+            holder._adapter_batch = prev
+
+
+def mixed_batch_wrappers(model: nn.Module) -> list[nn.Module]:
+    """PEFT's ``modules_to_save`` / trainable-token wrappers, each given a hook that passes it the batch's names.
+
+    PEFT hands ``adapter_names`` to these wrappers as it does to LoRA layers, and they split the batch by adapter
+    themselves (raising for module kinds they cannot split); a mixed FLoRA or MiLoRA batch must reach them too, or
+    every row, ``__base__`` included, would go through the active adapter's copy.
+    """
+    wrappers = [m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+    for wrapper in wrappers:
+        if not hasattr(wrapper, "_adapter_batch"):
+            wrapper._adapter_batch = None
+            wrapper.register_forward_pre_hook(_pass_adapter_names, with_kwargs=True)
+    return wrappers
+
+
+def _pass_adapter_names(wrapper: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Optional[tuple[tuple, dict]]:
+    batch: Optional[AdapterBatch] = wrapper._adapter_batch
+    if batch is None or "adapter_names" in kwargs or not args or not isinstance(args[0], Tensor):
+        return None
+    has = getattr(wrapper, "_adapters", set())
+    # an adapter without its own copy of this module leaves it as the base model has it
+    names = [n if n in has else BASE_ADAPTER_NAME for n in batch.names_for_rows(args[0].shape[0])]
+    return args, {**kwargs, "adapter_names": names}
 
 
 def set_trainable_adapters(model: nn.Module, adapter_names: Optional[Sequence[str]] = None) -> list[str]:
@@ -159,6 +199,10 @@ def set_trainable_adapters(model: nn.Module, adapter_names: Optional[Sequence[st
         present = [n for n in names if n in layer.adapter_names_in_layer()]
         if present:
             layer.set_requires_grad(present, requires_grad=True)
+    for wrapper in mixed_batch_wrappers(model):  # each adapter's modules_to_save copies learn from its rows too
+        present = [n for n in names if n in getattr(wrapper, "_adapters", ())]
+        if present:
+            wrapper.set_requires_grad(present, requires_grad=True)
     return names
 
 
@@ -185,9 +229,6 @@ def per_example_forward(model: nn.Module, args: Sequence[Any], kwargs: dict[str,
     adapter_names = as_adapter_names(adapter_names)
     batch_size = _input_batch_size(args, kwargs)
     if batch_size is not None and len(adapter_names) != batch_size:
-        raise ValueError(
-            f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} examples; "
-            "pass one adapter name per example"
-        )
+        raise ValueError(length_mismatch(len(adapter_names), batch_size))
     with adapter_batch(model, adapter_names):
         yield

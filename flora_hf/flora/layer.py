@@ -162,7 +162,9 @@ class FLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
         batch = self.current_adapter_batch()
         if self.merged:
             if batch is not None:
-                raise ValueError("per-example adapters cannot be used while an adapter is merged; unmerge first")
+                raise ValueError(
+                    "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+                )
             return self.base_layer(x, *args, **kwargs)
         y = self._adapted_forward(x, batch)
         return self.base_layer(x, *args, **kwargs) if y is None else y

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..base_layers import linear_features
 from ..ops import build_lora_bank
-from ..ops.milora import add_gated_lora
+from ..ops.milora import add_gated_lora, add_zero_use
 from ..per_example import PerExampleAdapterLayer
 from .router import GateSlot
 
@@ -108,23 +108,36 @@ class MiLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
         column = self.slot.columns[self.expert_name]
         batch = self.current_adapter_batch()
         if batch is not None:
-            routed = gates.get(None)
-            if routed is None:
-                return y
             names = tuple(self.milora_A.keys())
-            bank_a, bank_b = self._bank(names, x)
+            routed = gates.get(None)
+            rows = None if routed is None else routed.rows(column)
+            if routed is None or (rows is not None and rows.numel() == 0):
+                return self._in_graph_unused(y, names)
+            bank_a, bank_b = self._bank(names, x)  # stacks every adapter's factors: all of them are in the graph
             indices = batch.indices(names, x.shape[0], x.device)
             x = self._dropout(x, names)
-            return add_gated_lora(y, x, bank_a, bank_b, indices, routed.column(column), routed.rows(column))
+            return add_gated_lora(y, x, bank_a, bank_b, indices, routed.column(column), rows)
         for name in self.active_adapters:
             routed = gates.get(name)
-            if name not in self.milora_A or routed is None:
+            if name not in self.milora_A:
+                continue
+            rows = None if routed is None else routed.rows(column)
+            if routed is None or (rows is not None and rows.numel() == 0):
+                y = self._in_graph_unused(y, (name,))
                 continue
             # one adapter for every row: its own factors, two GEMMs, the scaling folded into the gate
             gate = routed.column(column) * self.scaling[name]
             a, b = self.milora_A[name], self.milora_B[name].t()
-            y = add_gated_lora(y, self._dropout(x, (name,)), a, b, None, gate, routed.rows(column))
+            y = add_gated_lora(y, self._dropout(x, (name,)), a, b, None, gate, rows)
         return y
+
+    def _in_graph_unused(self, y: Tensor, names: tuple[str, ...]) -> Tensor:
+        """``y`` unchanged, with the trainable factors of ``names`` in its graph (a zero gradient) in training.
+
+        Top-k routing leaves some experts unselected in most batches, and DistributedDataParallel without
+        ``find_unused_parameters`` needs a gradient for every trainable parameter at every step.
+        """
+        return add_zero_use(y, [p for n in names for p in (self.milora_A[n], self.milora_B[n])], self.training)
 
     def milora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         y = self.base_layer(x, *args, **kwargs)

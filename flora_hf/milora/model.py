@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 import types
 import warnings
@@ -12,6 +14,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..cache_compat import cache_length, find_cache, output_cache
+from ..checkpointing import replay_adapter_state_in_checkpoints, uses_reentrant_checkpointing
 from ..per_example import per_example_forward
 from .config import (
     DEFAULT_ROUTING_PREFIX,
@@ -137,16 +140,14 @@ class MiLoRAModel(BaseTuner):
         return self.__dict__.setdefault("_pending_slots", {}).setdefault(layer_key, GateSlot())
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        hidden = router_hidden_size(model)  # checked before any module is wrapped: a refusal leaves the model as is
         self.__dict__["_new_experts"] = {}
         super().inject_adapter(model, adapter_name, *args, **kwargs)
-        self._install_routers(model, adapter_name)
+        self._install_routers(model, adapter_name, hidden)
 
-    def _install_routers(self, model: nn.Module, adapter_name: str) -> None:
+    def _install_routers(self, model: nn.Module, adapter_name: str, hidden: int) -> None:
         config: MiLoRAConfig = self.peft_config[adapter_name]
         runtime = install_routing_hooks(model, config)
-        hidden = getattr(model.config, "hidden_size", None)
-        if not isinstance(hidden, int):
-            raise ValueError("MiLoRA needs the model config's hidden_size to size its routers")
         pending = self.__dict__.get("_pending_slots", {})
         for layer_key, experts in sorted(self.__dict__.get("_new_experts", {}).items()):
             layer = model.get_submodule(layer_key)
@@ -206,6 +207,18 @@ class MiLoRAModel(BaseTuner):
             yield
 
 
+def router_hidden_size(model: nn.Module) -> int:
+    """The width of the hidden states the routers pool (``model.config.hidden_size``)."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden <= 0:
+        raise ValueError(
+            f"MiLoRA sizes its routers from the model config's hidden_size, and this {type(model).__name__} has "
+            f"{'no config' if getattr(model, 'config', None) is None else 'no integer hidden_size in its config'}; "
+            "give the model a config with hidden_size (a transformers PretrainedConfig has one)"
+        )
+    return hidden
+
+
 def install_routing_hooks(model: nn.Module, config: MiLoRAConfig) -> RoutingRuntime:
     """Hooks on the model's forward that tell the routers whether this call routes or reuses (once per model)."""
     runtime = getattr(model, RUNTIME_ATTR, None)
@@ -220,6 +233,8 @@ def install_routing_hooks(model: nn.Module, config: MiLoRAConfig) -> RoutingRunt
     # shares hook functions between the copies but gives the copy's routers their own runtime.
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         runtime = getattr(module, RUNTIME_ATTR)
+        if module.training and torch.is_grad_enabled():
+            _check_checkpointing(module)
         cache = find_cache(kwargs)
         runtime.in_model_call = True
         runtime.cache = cache
@@ -251,7 +266,7 @@ def install_routing_hooks(model: nn.Module, config: MiLoRAConfig) -> RoutingRunt
             attach_gates_to_cache(created, runtime.local_gates)
         losses, runtime.balance_losses = runtime.balance_losses, []
         if losses and isinstance(output, dict):
-            output["load_balance_loss"] = torch.stack(losses).mean()
+            return with_load_balance_loss(output, torch.stack(losses).mean())
         return output
 
     runtime._handles = (
@@ -262,6 +277,44 @@ def install_routing_hooks(model: nn.Module, config: MiLoRAConfig) -> RoutingRunt
         # A bound method in the instance (not a closure), so copy.deepcopy rebinds it to the copy.
         model.generate = types.MethodType(_generate_knowing_the_prompt, model)
     return runtime
+
+
+def with_load_balance_loss(output: Any, loss: Tensor) -> Any:
+    """``output`` with ``load_balance_loss`` as a real dataclass field, not an extra key: DistributedDataParallel
+    rebuilds a ModelOutput from its fields alone (torch.distributed.utils._apply_to_tensors), which would drop an
+    extra key or fail on it."""
+    if not dataclasses.is_dataclass(output):
+        output["load_balance_loss"] = loss
+        return output
+    cls = _output_class_with_balance_loss(type(output))
+    values = {f.name: getattr(output, f.name) for f in dataclasses.fields(output) if f.init}
+    return cls(**values, load_balance_loss=loss)
+
+
+@functools.cache
+def _output_class_with_balance_loss(output_class: type) -> type:
+    name = f"MiLoRA{output_class.__name__}"
+    cls = dataclasses.make_dataclass(
+        name,
+        [("load_balance_loss", Optional[Tensor], dataclasses.field(default=None))],
+        bases=(output_class,),
+        namespace={"__module__": __name__, "__doc__": f"{output_class.__name__} plus MiLoRA's load-balancing loss."},
+    )
+    globals()[name] = cls  # importable by name, so the output pickles
+    return cls
+
+
+def _check_checkpointing(model: nn.Module) -> None:
+    """Checkpointed layers recompute with this call's routing context; reentrant checkpointing is refused."""
+    if uses_reentrant_checkpointing(model):
+        raise ValueError(
+            "MiLoRA cannot train under reentrant gradient checkpointing (use_reentrant=True): each layer's gates "
+            "come from its router, outside the checkpointed forward, and a reentrant checkpoint back-propagates "
+            "only to its own inputs in a backward of its own, so the router's graph would be traversed twice (or, "
+            "where the router runs inside, not at all). Use model.gradient_checkpointing_enable("
+            "gradient_checkpointing_kwargs={'use_reentrant': False}), transformers' default"
+        )
+    replay_adapter_state_in_checkpoints(model)
 
 
 def _refuse_a_cache_it_did_not_see(module: nn.Module, created: Any, args: tuple, kwargs: dict[str, Any]) -> None:

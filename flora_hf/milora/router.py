@@ -9,14 +9,16 @@ its whole prompt every time).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
-from ..ops.milora import RoutedGates, gelu_rational_init, load_balance_loss, pool_prompt, route
+from ..checkpointing import Snapshot, register_snapshotter
+from ..ops.milora import RoutedGates, add_zero_use, gelu_rational_init, load_balance_loss, pool_prompt, route
 from ..per_example import PerExampleAdapterLayer, _in_backward
 
 GatesByAdapter = dict[Optional[str], RoutedGates]
@@ -56,6 +58,40 @@ class RoutingRuntime:
             gates = {}
             attach_gates_to_cache(self.cache, gates)
         return gates
+
+
+_REPLAYED_FIELDS = ("in_model_call", "reuse", "prompt_mask", "encoder_mask", "cache", "explicit_prompt_mask")
+
+
+@register_snapshotter
+def _routing_context(module: nn.Module) -> Optional[Snapshot]:
+    """The gates and routing context of the forward a checkpointed layer ran in, for its recompute.
+
+    transformers checkpoints the layer's ``forward`` and keeps module hooks, the router's among them, outside it:
+    the recompute does not route again, so its experts must read this forward's gates, not the latest call's.
+    (Where a release checkpoints ``__call__``, the router re-runs inside and reads the restored context.)
+    """
+    routers = [m for m in module.modules() if isinstance(m, MiLoRARouter)]
+    if not routers:
+        return None
+    targets = [(r.slot, ("current",)) for r in routers]
+    targets += [(rt, _REPLAYED_FIELDS) for rt in {id(r.runtime): r.runtime for r in routers}.values()]
+    saved = [(obj, {f: getattr(obj, f) for f in fields}) for obj, fields in targets]
+
+    @contextmanager
+    def restore() -> Iterator[None]:
+        previous = [(obj, {f: getattr(obj, f) for f in values}) for obj, values in saved]
+        for obj, values in saved:
+            for name, value in values.items():
+                setattr(obj, name, value)
+        try:
+            yield
+        finally:
+            for obj, values in previous:
+                for name, value in values.items():
+                    setattr(obj, name, value)
+
+    return restore
 
 
 def _select(gates: dict[str, GatesByAdapter], pick) -> None:
@@ -157,6 +193,39 @@ class MiLoRARouter(nn.Module, BaseTunerLayer, PerExampleAdapterLayer):
     def adapter_names_in_layer(self) -> set[str]:
         return set(self.milora_weight.keys())
 
+    # A router sits beside a transformer layer rather than around a module, so it has no base layer. PEFT's
+    # base-layer lookups (weight, bias, the device and dtype to move an adapter to) must not look for one: the
+    # default would find the router itself and recurse forever.
+    @property
+    def weight(self) -> Tensor:
+        raise AttributeError("a MiLoRARouter has no base layer, so no weight (its parameters: milora_weight, ...)")
+
+    @property
+    def bias(self) -> Tensor:
+        raise AttributeError("a MiLoRARouter has no base layer, so no bias")
+
+    @property
+    def in_features(self) -> int:
+        return self.hidden_size
+
+    @property
+    def out_features(self) -> int:
+        return len(self.slot.columns)
+
+    def get_base_layer(self) -> nn.Module:
+        return self
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Router parameters are made on their layer's device and stay fp32: only an explicit device moves them."""
+        if device is None:
+            return
+        for name in self.adapter_layer_names:
+            params = getattr(self, name)
+            if adapter_name in params and params[adapter_name].device.type != "meta":
+                params[adapter_name] = nn.Parameter(
+                    params[adapter_name].to(device), requires_grad=params[adapter_name].requires_grad
+                )
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self.experts.pop(adapter_name, None)
@@ -176,6 +245,11 @@ class MiLoRARouter(nn.Module, BaseTunerLayer, PerExampleAdapterLayer):
         full = gates.new_zeros(gates.shape[0], len(self.slot.columns))
         return probs, full.index_copy(1, columns, gates)
 
+    def _router_parameters(self, name: str) -> list[Tensor]:
+        return [
+            d[name] for d in (self.milora_weight, self.milora_query, self.milora_num, self.milora_den) if name in d
+        ]
+
     def _record_balance(self, probs: Tensor) -> None:
         if self.training and torch.is_grad_enabled() and not _in_backward() and probs.shape[-1] > 1:
             self.runtime.balance_losses.append(load_balance_loss(probs))
@@ -189,7 +263,8 @@ class MiLoRARouter(nn.Module, BaseTunerLayer, PerExampleAdapterLayer):
             gates = torch.zeros(hidden.shape[0], len(self.slot.columns), device=hidden.device)
             for k, name in enumerate(order, start=1):
                 rows = (indices == k).nonzero(as_tuple=True)[0]
-                if rows.numel() == 0:
+                if rows.numel() == 0:  # an adapter absent from this batch: its router stays in the graph (DDP)
+                    gates = add_zero_use(gates, self._router_parameters(name), self.training)
                     continue
                 probs, routed = self._route_one(name, hidden.index_select(0, rows), prompt_mask.index_select(0, rows))
                 self._record_balance(probs)

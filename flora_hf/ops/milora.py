@@ -10,7 +10,7 @@ experts not selected, so an expert's output is simply scaled by its column of ``
 from __future__ import annotations
 
 from functools import cache
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +187,18 @@ def add_gated_lora(
     if y.requires_grad or sub.requires_grad:
         return y.index_add(0, rows, sub)
     return y.index_add_(0, rows, sub)
+
+
+def add_zero_use(y: Tensor, params: Sequence[Tensor], training: bool) -> Tensor:
+    """Semantics: y (the same values), with ``params`` in its autograd graph when training with grad enabled.
+
+    Their gradient is zero: it marks parameters that routing left unused in this batch as used, which
+    DistributedDataParallel without ``find_unused_parameters`` requires of every trainable parameter at every step.
+    """
+    trainable = [p for p in params if p.requires_grad]
+    if not training or not trainable or not torch.is_grad_enabled():
+        return y
+    return y + torch.stack([p.sum() for p in trainable]).sum().to(y.dtype) * 0
 
 
 def _select(indices: Optional[Tensor], rows: Tensor) -> Optional[Tensor]:

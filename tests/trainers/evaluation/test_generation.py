@@ -159,7 +159,7 @@ def test_transformers_model_with_added_adapters(tokenizer):
         model, tokenizer, PROBLEMS, n_samples=1, temperature=0.0, adapter_for_problem=ADAPTERS, max_new_tokens=3
     )
     assert [len(c) for c in completions] == [1, 1, 1]
-    with pytest.raises(ValueError, match="unknown adapter"):
+    with pytest.raises(ValueError, match="non-existing adapter"):
         generate_completions(model, tokenizer, PROBLEMS[:1], n_samples=1, adapter_for_problem="ruby", max_new_tokens=2)
 
 
