@@ -312,7 +312,7 @@ class LLMEngine:
         for rid in request_ids:
             entry = self._entries.pop(rid, None)
             if entry is not None and entry.adapter.name:
-                self.store.release(entry.adapter.name)
+                self.store.release(entry.adapter.name, entry.adapter.slot)
 
     def _fail(self, entries: list[_Entry], error: Exception) -> None:
         for entry in entries:

@@ -11,6 +11,7 @@ transformer layer) and its routers into the :class:`~serving.layers.SlotRouter` 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +25,27 @@ from ..types import AdapterError
 from .loader import AdapterWeights, load_adapter_folder, split_layer_path
 
 logger = logging.getLogger(__name__)
+
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
+"""A plain identifier, or a hub-style ``owner/name`` (what TGI's ``adapter_id`` usually is); no path tricks."""
+
+
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name) or ".." in name:
+        raise AdapterError(
+            f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' (at most 128), optionally as "
+            "owner/name"
+        )
+
+
+def resolve_folder(path: str | Path) -> Path:
+    """The absolute folder ``path`` names; any path the OS cannot resolve (NUL bytes, unknown ~user) is an
+    AdapterError, so the client gets a 422, not a 500."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (ValueError, RuntimeError, OSError, TypeError) as err:
+        raise AdapterError(f"invalid adapter path {str(path)!r}: {err}") from None
 
 
 class AdapterStore:
@@ -47,6 +69,10 @@ class AdapterStore:
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._free = list(range(num_slots, 0, -1))  # slot 0 is "no adapter"
         self._pins: dict[str, int] = {}
+        # slots of adapters unloaded (or replaced) while rows still decode with them: slot -> rows left. They are
+        # out of ``_resident``, so a name loaded again always gets its new weights in a slot of its own.
+        self._retired: dict[int, int] = {}
+        self._registering: set[str] = set()  # names whose folder is being read: a second load of one waits its turn
         self._loading: dict[str, Future] = {}
         self._lock = threading.RLock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
@@ -62,14 +88,21 @@ class AdapterStore:
 
     def register(self, name: str, path: str | Path, *, check_root: bool = True) -> AdapterWeights:
         """Read, validate and pool an adapter (host memory); the model keeps serving whatever happens."""
-        if not name or "/" in name and not Path(name).name:
-            raise AdapterError(f"invalid adapter name {name!r}")
-        folder = Path(path).resolve()
+        check_adapter_name(name)
+        folder = resolve_folder(path)
         if check_root:
             self._check_root(folder)
         with self._lock:
-            if name in self._host:
-                raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
+            if name in self._host or name in self._registering:
+                raise AdapterError(f"an adapter named {name!r} is already loaded (or loading); unload it first")
+            self._registering.add(name)
+        try:
+            return self._register(name, folder)
+        finally:
+            with self._lock:
+                self._registering.discard(name)
+
+    def _register(self, name: str, folder: Path) -> AdapterWeights:
         weights = load_adapter_folder(name, folder, self.model, self.max_rank)
         with self._lock:
             if weights.method == "milora":
@@ -107,8 +140,13 @@ class AdapterStore:
             if name not in self._host:
                 raise AdapterError(f"unknown adapter {name!r}")
             del self._host[name]
-            if not self._pins.get(name):
+            pins = self._pins.pop(name, 0)
+            if not pins:
                 self._evict(name)
+                return
+            slot = self._resident.pop(name, None)
+            if slot is not None:  # rows decoding with it finish on its weights; then the slot is cleared
+                self._retired[slot] = self._retired.get(slot, 0) + pins
 
     def names(self) -> list[str]:
         with self._lock:
@@ -143,11 +181,18 @@ class AdapterStore:
             if name not in self._loading:
                 slot = self._take_slot()
                 if slot is not None:
-                    self._loading[name] = self._executor.submit(self._load, name, slot)
+                    self._loading[name] = self._executor.submit(self._load, name, slot, self._host[name])
             return None
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, slot: Optional[int] = None) -> None:
+        """Unpin the adapter a finished row used; ``slot`` (the row's) tells a retired slot from a reloaded name's."""
         with self._lock:
+            if slot is not None and slot in self._retired:
+                self._retired[slot] -= 1
+                if self._retired[slot] <= 0:
+                    del self._retired[slot]
+                    self._clear_slot(slot)
+                return
             left = self._pins.get(name, 0) - 1
             if left > 0:
                 self._pins[name] = left
@@ -184,11 +229,14 @@ class AdapterStore:
     def _evict(self, name: str) -> None:
         slot = self._resident.pop(name, None)
         if slot is not None:
-            for layer in self._slot_layers():
-                layer.clear_slot(slot)
-            for router in self._routers():
-                router.clear_slot(slot)
-            self._free.append(slot)
+            self._clear_slot(slot)
+
+    def _clear_slot(self, slot: int) -> None:
+        for layer in self._slot_layers():
+            layer.clear_slot(slot)
+        for router in self._routers():
+            router.clear_slot(slot)
+        self._free.append(slot)
 
     def _slot_layers(self) -> list[SlotLinear]:
         return [m for m in self.model.modules() if isinstance(m, SlotLinear)]
@@ -196,20 +244,17 @@ class AdapterStore:
     def _routers(self) -> list[SlotRouter]:
         return list(self.context.routers.values())
 
-    def _load(self, name: str, slot: int) -> None:
+    def _load(self, name: str, slot: int, weights: AdapterWeights) -> None:
         try:
-            with self._lock:
-                weights = self._host.get(name)
-            if weights is None:  # unloaded before it arrived
-                with self._lock:
-                    self._free.append(slot)
-                return
             paths = {id(self.model.get_submodule(p)): p for p in weights.modules}
             for layer in self._slot_layers():
                 layer.write_slot(slot, weights.modules.get(paths.get(id(layer), ""), {}))
             for router in self._routers():
                 router.write_slot(slot, weights.routers.get(router.key))
             with self._lock:
+                if self._host.get(name) is not weights:  # unloaded (or replaced) while it was being copied
+                    self._clear_slot(slot)
+                    return
                 self._resident[name] = slot
                 self.loads += 1
         except Exception:

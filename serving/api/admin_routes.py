@@ -5,11 +5,10 @@ Hot-loading reads only folders under the configured adapter roots (``FLORA_ADAPT
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
+from serving.adapters.store import check_adapter_name, resolve_folder
 from serving.api.auth import require_admin
 from serving.api.errors import ApiError
 from serving.api.state import State
@@ -25,9 +24,9 @@ def allowed_adapter_path(settings: ServerSettings, path: str) -> str:
     """The resolved folder, if it lies under one of the adapter roots (symlinks resolved first)."""
     if not settings.adapter_roots:
         raise AdapterError("hot-loading is disabled: no adapter roots are configured (FLORA_ADAPTER_ROOTS)")
-    resolved = Path(path).expanduser().resolve()
+    resolved = resolve_folder(path)
     for root in settings.adapter_roots:
-        if resolved.is_relative_to(Path(root).expanduser().resolve()):
+        if resolved.is_relative_to(resolve_folder(root)):
             return str(resolved)
     roots = ", ".join(settings.adapter_roots)
     raise AdapterError(f"adapter path `{path}` is outside the allowed adapter roots ({roots})")
@@ -43,6 +42,7 @@ async def list_adapters(state: State) -> Response:
 
 @router.post("/admin/adapters", dependencies=_admin)
 async def load_adapter(body: AdapterLoadRequest, state: State) -> Response:
+    check_adapter_name(body.name)
     if body.name in ("tgi", state.model_id):
         raise AdapterError(f"`{body.name}` names the base model and cannot be an adapter name")
     path = allowed_adapter_path(state.settings, body.path)

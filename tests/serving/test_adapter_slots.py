@@ -109,9 +109,9 @@ def test_unload_while_pinned_frees_slot_after_release(adapters) -> None:
     store.wait_loaded("lora")
     assert store.acquire("lora") == 1
     store.unregister("lora")
-    assert not store.has("lora") and "lora" in store.resident()
-    store.release("lora")
-    assert store.resident() == {}
+    assert not store.has("lora") and store.resident() == {} and store._retired == {1: 1}  # one row uses slot 1
+    store.release("lora", 1)
+    assert store._retired == {} and store._free == [1]
     layer = next(m for m in base.modules() if isinstance(m, SlotLinear) and "lora_a" in m.banks)
     assert layer.banks["lora_a"][1].abs().sum() == 0  # slot back to neutral
     store.close()
@@ -200,4 +200,76 @@ def test_warm_puts_startup_adapters_on_the_device(adapters) -> None:
         store.register(name, root / name)
     store.warm(["flora1", "lora", "ia3"])  # more than the slots: the first two
     assert set(store.resident()) == {"flora1", "lora"} and store._pins == {}
+    store.close()
+
+
+def _forward_slots(store: AdapterStore, base, slots: list[int], inputs) -> torch.Tensor:
+    store.context.current = StepMetadata(slots=torch.tensor(slots), flora_rank=4, lora_rank=4, ia3=True)
+    try:
+        with torch.no_grad():
+            return base(**inputs).logits
+    finally:
+        store.context.current = None
+
+
+@pytest.mark.parametrize(("first", "second"), [("flora4", "flora4-b"), ("lora", "ia3")])
+def test_a_name_reloaded_while_in_use_means_the_new_weights(adapters, first: str, second: str) -> None:
+    """Unload ``v`` and load another folder as ``v`` while a row still decodes with it: the running row finishes
+    on the old weights, every new request gets the new ones, and the old slot is cleared when the row ends."""
+    base, root = adapters
+    reference = copy.deepcopy(base)
+    if second == "flora4-b":
+        save_random_adapter(base, FLoRAConfig(r=4, target_modules=["c_attn", "c_fc"]), root / second)
+    store = make_store(base, [root], num_slots=2)
+    store.register("v", root / first)
+    store.acquire("v")
+    store.wait_loaded("v")
+    old_slot = store.acquire("v")  # a running row holds it
+    store.unregister("v")
+    store.register("v", root / second)
+    assert store.acquire("v") is None  # the new weights need their own slot
+    store.wait_loaded("v")
+    new_slot = store.acquire("v")
+    assert new_slot != old_slot
+    inputs = model_inputs(base, 2)
+    got = _forward_slots(store, base, [old_slot, new_slot], inputs)
+    for row, folder in enumerate((first, second)):
+        row_inputs = {k: v[row : row + 1] for k, v in inputs.items()}
+        expected = peft_logits(reference, root / folder, row_inputs)
+        torch.testing.assert_close(got[row : row + 1], expected, atol=1e-5, rtol=0, msg=folder)
+    store.release("v", old_slot)  # the old row finishes: its slot is cleared and free again
+    store.release("v", new_slot)
+    assert store.resident() == {"v": new_slot} and store._retired == {} and old_slot in store._free
+    store.close()
+
+
+def test_names_and_paths_are_checked_and_loads_under_one_name_are_serialised(adapters) -> None:
+    base, root = adapters
+    store = make_store(base, [root])
+    for bad in ("a/../../b", "../x", "", "a b", "x" * 200, "a/b/c"):
+        with pytest.raises(AdapterError, match="invalid adapter name"):
+            store.register(bad, root / "flora1")
+    for path in ("~nosuchuser-flora/x", f"{root}/fl\0ra1"):
+        with pytest.raises(AdapterError, match="invalid adapter path|outside the allowed"):
+            store.register("ok", path)
+    import threading
+
+    results: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def load(folder: str) -> None:
+        barrier.wait()
+        try:
+            store.register("same", root / folder)
+            results.append("loaded")
+        except AdapterError:
+            results.append("refused")
+
+    threads = [threading.Thread(target=load, args=(f,)) for f in ("flora1", "lora")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["loaded", "refused"] and store.names() == ["same"]
+    store.register("owner/name", root / "flora1")  # hub-style ids, as TGI's adapter_id usually is
     store.close()

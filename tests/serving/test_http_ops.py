@@ -68,6 +68,9 @@ def test_admin_adapters(tmp_path):
         assert r.status_code == 422 and "adapter_config.json" in r.json()["error"]  # the engine's AdapterError
         r = http.post("/admin/adapters", headers=auth, json={"name": "fake/tiny-model", "path": str(rust)})
         assert r.status_code == 422
+        for name, path in (("a/../../b", str(rust)), ("x", "~nosuchuser-flora/x"), ("x", f"{rust}\u0000")):
+            r = http.post("/admin/adapters", headers=auth, json={"name": name, "path": path})
+            assert r.status_code == 422 and "error" in r.json(), (name, path, r.text)
 
         assert http.delete("/admin/adapters/rust", headers=auth).json()["adapters"] == ["perl"]
         assert http.delete("/admin/adapters/rust", headers=auth).status_code == 404
