@@ -269,6 +269,12 @@ class LLMEngine:
             )
             outputs, batch = self.runner.generate_token(batch)
         except Exception as exc:  # one bad batch must not take the server down
+            if len(admitted) > 1:
+                # one row's failure must not fail the rows beside it: prefill each alone, so only the culprit fails
+                logger.warning("prefill of %d rows failed (%s); retrying each row alone", len(admitted), exc)
+                for entry in admitted:
+                    self._prefill([entry])
+                return
             logger.exception("prefill failed")
             with self._cond:
                 self._fail(admitted, GenerationError(f"generation failed: {exc}"))

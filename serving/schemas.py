@@ -11,7 +11,17 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, field_validator, model_serializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_serializer,
+)
 
 FinishReasonStr = Literal["length", "eos_token", "stop_sequence"]
 
@@ -39,6 +49,13 @@ Logprob = Annotated[Optional[float], AfterValidator(_finite)]
 
 
 # --------------------------------------------------------------------------------------------------- TGI requests
+# TGI's serde types, so a value TGI would refuse at the door is a 422 here too, never a failure inside a batch:
+# integers are integers (not true, not 1.5), within the Rust type's range; floats are finite; flags are booleans.
+I32 = Annotated[StrictInt, Field(ge=-(2**31), le=2**31 - 1)]
+U32 = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
+U64 = Annotated[StrictInt, Field(ge=0, le=2**64 - 1)]
+USize = U64
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class Grammar(BaseModel):
@@ -53,23 +70,23 @@ class GenerateParameters(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    best_of: Optional[int] = Field(default=None, ge=0)
-    temperature: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    typical_p: Optional[float] = None
-    do_sample: bool = False
-    max_new_tokens: Optional[int] = Field(default=100, ge=0)
-    return_full_text: Optional[bool] = None
+    best_of: Optional[USize] = None
+    temperature: Optional[Finite] = None
+    repetition_penalty: Optional[Finite] = None
+    frequency_penalty: Optional[Finite] = None
+    top_k: Optional[I32] = None
+    top_p: Optional[Finite] = None
+    typical_p: Optional[Finite] = None
+    do_sample: StrictBool = False
+    max_new_tokens: Optional[U32] = 100
+    return_full_text: Optional[StrictBool] = None
     stop: list[str] = Field(default_factory=list)
-    truncate: Optional[int] = Field(default=None, ge=0)
-    watermark: bool = False
-    details: bool = False
-    decoder_input_details: bool = False
-    seed: Optional[int] = Field(default=None, ge=0, lt=2**64)
-    top_n_tokens: Optional[int] = Field(default=None, ge=0)
+    truncate: Optional[USize] = None
+    watermark: StrictBool = False
+    details: StrictBool = False
+    decoder_input_details: StrictBool = False
+    seed: Optional[U64] = None
+    top_n_tokens: Optional[U32] = None
     grammar: Optional[Grammar] = None
     adapter_id: Optional[str] = None
 

@@ -277,3 +277,30 @@ def test_new_requests_join_a_running_batch_by_tgis_policy(adapter_dir, ratio, ma
     run(main())
     assert [rows for _, rows in prefills] == [1, 1]
     assert prefills[1][0] - prefills[0][0] >= joins_after
+
+
+def test_one_failing_row_does_not_fail_the_rows_beside_it(adapter_dir) -> None:
+    """A row whose prefill raises (a value validation did not foresee) fails alone; its batch-mates finish with
+    the output they get alone."""
+    engine = make_engine(adapter_dir, ["flora-a"], num_slots=2)
+    runner = engine.runner
+    real = runner.generate_token
+
+    def poisoned(batch):
+        if any(r.inputs == "POISON" for r in batch.requests):
+            raise RuntimeError("a row-specific failure")
+        return real(batch)
+
+    runner.generate_token = poisoned
+    prompts = [("def add(", None), ("POISON", None), ("sub fib {", "flora-a"), ("print('h", None)]
+
+    async def main():
+        alone = [await collect(engine, request(p, a)) for p, a in prompts if p != "POISON"]
+        together = await asyncio.gather(*(collect(engine, request(p, a)) for p, a in prompts), return_exceptions=True)
+        await engine.shutdown()
+        return alone, together
+
+    alone, together = run(main())
+    assert isinstance(together[1], Exception) and "row-specific" in str(together[1])
+    survivors = [t for i, t in enumerate(together) if i != 1]
+    assert [[o.token.id for o in t] for t in survivors] == [[o.token.id for o in a] for a in alone]

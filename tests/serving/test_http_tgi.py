@@ -269,3 +269,21 @@ def test_info_health_tokenize_models(server, http):
     assert all("hello world"[t["start"] : t["stop"]] == t["text"] for t in tokens)
     models = http.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["fake/tiny-model", "perl"]
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [{"top_k": 2**63}, {"top_k": True}, {"top_k": 1.5}, {"do_sample": "yes"}, {"details": 1},
+     {"max_new_tokens": 2**32}, {"seed": 2**64}, {"top_n_tokens": -1}, {"best_of": "2"}],
+)  # fmt: skip
+def test_values_tgi_refuses_at_the_door_are_422(http, parameters):
+    r = http.post("/generate", json={"inputs": "hi", "parameters": parameters})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation", (parameters, r.text)
+
+
+@pytest.mark.parametrize("name", ["temperature", "repetition_penalty", "frequency_penalty", "top_p", "typical_p"])
+def test_nan_and_infinite_floats_are_422(http, name):
+    for value in (b"NaN", b"Infinity", b"-Infinity"):
+        body = b'{"inputs": "hi", "parameters": {"%s": %s}}' % (name.encode(), value)
+        r = http.post("/generate", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error_type"] == "validation", (name, value, r.text)
