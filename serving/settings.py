@@ -40,6 +40,7 @@ class ServerSettings:
     waiting_served_ratio: float = 1.2
     max_waiting_tokens: int = 20
     max_client_batch_size: int = 4
+    validation_workers: int = 2
     dtype: Optional[str] = None
     quantize: Optional[str] = None
     trust_remote_code: bool = False
@@ -158,6 +159,8 @@ _OPTIONS: list[tuple[str, tuple[str, ...], tuple[str, ...], Any, str]] = [
     ("max_waiting_tokens", (), ("MAX_WAITING_TOKENS",), int,
      "...or after this many decoding steps without admitting any (20)"),
     ("max_client_batch_size", (), ("MAX_CLIENT_BATCH_SIZE",), int, "most prompts or `n` per OpenAI request (4)"),
+    ("validation_workers", (), ("VALIDATION_WORKERS",), int,
+     "threads that tokenize and validate requests, off the event loop (2, as TGI)"),
     ("dtype", (), ("DTYPE",), str, "float16, bfloat16 or float32"),
     ("quantize", (), ("QUANTIZE",), str, "bitsandbytes (8-bit base model)"),
     ("trust_remote_code", (), ("TRUST_REMOTE_CODE",), None, "allow the model's own code from the hub"),
@@ -248,6 +251,7 @@ def _settings_from(values: dict[str, Any], env: Mapping[str, str]) -> ServerSett
         "max_client_batch_size",
         "max_loaded_adapters",
         "max_waiting_tokens",
+        "validation_workers",
     ):
         if name in values and values[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

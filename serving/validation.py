@@ -7,6 +7,7 @@ is TGI's, so a request with several faults gets the same message from both serve
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import replace
 from typing import Any, Callable, Optional
@@ -74,6 +75,32 @@ class Validator:
         return adapter_id
 
     # ---------------------------------------------------------------------------------------------- tokenizing
+
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry: no token covers more of a prompt (with a margin of 2 for
+        normalizers that drop characters)."""
+        try:
+            vocab = self.tokenizer.get_vocab()
+        except Exception:  # a tokenizer without a vocabulary listing: no bound
+            return 0
+        return 2 * max((len(token) for token in vocab), default=0)
+
+    def bound_before_tokenizing(self, inputs: str, truncate: Optional[int]) -> str:
+        """Refuse (or, with ``truncate``, cut) a prompt too long for its token budget before tokenizing it, so one
+        huge prompt costs a length check rather than seconds of tokenizer time."""
+        longest = self.longest_token_chars
+        if not longest:
+            return inputs
+        if truncate is not None:
+            keep = (truncate + 16) * longest  # the last ``truncate`` tokens lie well inside this suffix
+            return inputs if len(inputs) <= keep else inputs[-keep:]
+        if len(inputs) > self.max_input_tokens * longest:
+            raise ValidationError(
+                f"`inputs` must have less than {self.max_input_tokens} tokens. Given: more than that "
+                f"({len(inputs)} characters)"
+            )
+        return inputs
 
     def encode(self, inputs: str, add_special_tokens: bool = True) -> list[int]:
         try:
@@ -168,7 +195,7 @@ class Validator:
         self, inputs: str, add_special_tokens: bool, params: GenerateParameters
     ) -> tuple[list[int], int]:
         """Tokenize, truncate from the left (keep the last ``truncate`` tokens) and check the token budget."""
-        ids = self.encode(inputs, add_special_tokens)
+        ids = self.encode(self.bound_before_tokenizing(inputs, params.truncate), add_special_tokens)
         input_length = min(len(ids), params.truncate) if params.truncate is not None else len(ids)
         if params.max_new_tokens is not None:
             max_new_tokens = params.max_new_tokens

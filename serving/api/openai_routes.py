@@ -160,7 +160,9 @@ async def chat_completions(state: AppState, body: ChatRequest) -> Response:
         _reject_unsupported(body)
         prompt, special = chat_prompt(state.engine.tokenizer, body)
         top_n = body.top_logprobs if body.logprobs else None
-        request = state.validate(prompt, _sampling_from_openai(body, top_n_tokens=top_n), add_special_tokens=special)
+        request = await state.validate(
+            prompt, _sampling_from_openai(body, top_n_tokens=top_n), add_special_tokens=special
+        )
         timing.validated = time.monotonic()
         requests = _choices(state, request, body.n or 1)
         if body.stream:
@@ -223,7 +225,8 @@ async def completions(state: AppState, body: CompletionRequest) -> Response:
                 "batch size exceeded",
             )
         params = _sampling_from_openai(body)
-        requests = [r for p in prompts for r in _choices(state, state.validate(p, params), body.n or 1)]
+        validated = [await state.validate(p, params) for p in prompts]
+        requests = [r for v in validated for r in _choices(state, v, body.n or 1)]
         timing.validated = time.monotonic()
         if body.stream:
             opened = await open_all(state.engine, requests)

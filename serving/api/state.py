@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -46,6 +49,7 @@ class AppState:
         self.model_id = getattr(engine, "model_id", None) or settings.model_id
         max_positions = getattr(engine, "max_position_embeddings", None) or _config_positions(engine)
         self.max_input_tokens, self.max_total_tokens = settings.token_limits(max_positions)
+        self.validation_pool = ThreadPoolExecutor(settings.validation_workers, thread_name_prefix="validation")
         self.validator = Validator(
             engine.tokenizer,
             self.max_input_tokens,
@@ -69,10 +73,13 @@ class AppState:
         self.metrics.request_started()
         return timing
 
-    def validate(
+    async def validate(
         self, inputs: str, params: GenerateParameters, *, add_special_tokens: bool = True
     ) -> GenerationRequest:
-        request = self.validator.validate(inputs, params, add_special_tokens=add_special_tokens)
+        """Validate and tokenize in the validation pool (TGI's validation workers): never on the event loop, so a
+        long prompt cannot stall /health or other clients' streams."""
+        validate = functools.partial(self.validator.validate, inputs, params, add_special_tokens=add_special_tokens)
+        request = await asyncio.get_running_loop().run_in_executor(self.validation_pool, validate)
         self.metrics.request_validated(len(request.input_ids), request.stopping.max_new_tokens, request.adapter_id)
         return request
 

@@ -6,6 +6,8 @@ and ``GET /``), ``/metrics``.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
 from typing import Any, Optional
@@ -93,7 +95,7 @@ async def generate(
         best_of = params.best_of if params.best_of is not None else 1
         if best_of > 1:
             state.validator.validate_best_of(best_of)
-        request = state.validate(req.inputs, params)
+        request = await state.validate(req.inputs, params)
         timing.validated = time.monotonic()
         gens = await collect_all(state.engine, [request] + [fork(request) for _ in range(best_of - 1)])
     best = max(range(len(gens)), key=lambda i: (gens[i].mean_logprob(), -i))
@@ -112,7 +114,7 @@ async def generate_stream(state: AppState, req: GenerateRequest, return_full_tex
     params = req.parameters
     with state.track_failures():
         state.validator.validate_stream(params)
-        request = state.validate(req.inputs, params)
+        request = await state.validate(req.inputs, params)
         timing.validated = time.monotonic()
         first, iterator = await open_stream(state.engine, request)
     prefix = _prefix(req, return_full_text)
@@ -167,9 +169,11 @@ async def tokenize_route(req: GenerateRequest, state: State) -> Response:
     tokenizer = state.engine.tokenizer
     if not getattr(tokenizer, "is_fast", False):
         raise ApiError("No fast tokenizer available", 404, "tokenizer")
-    encoding = tokenizer(req.inputs, return_offsets_mapping=True)
+    inputs = state.validator.bound_before_tokenizing(req.inputs, req.parameters.truncate)
+    encode = functools.partial(tokenizer, inputs, return_offsets_mapping=True)
+    encoding = await asyncio.get_running_loop().run_in_executor(state.validation_pool, encode)
     tokens = [
-        SimpleToken(id=i, text=req.inputs[start:stop], start=start, stop=stop)
+        SimpleToken(id=i, text=inputs[start:stop], start=start, stop=stop)
         for i, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"])
     ]
     return JSONResponse(TokenizeResponse(tokens).model_dump())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import httpx
 import pytest
@@ -287,3 +288,33 @@ def test_nan_and_infinite_floats_are_422(http, name):
         body = b'{"inputs": "hi", "parameters": {"%s": %s}}' % (name.encode(), value)
         r = http.post("/generate", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 422 and r.json()["error_type"] == "validation", (name, value, r.text)
+
+
+def test_a_huge_prompt_is_refused_before_tokenizing_and_validation_runs_off_the_loop(monkeypatch):
+    """A 1.9 MB prompt (under the payload limit) is a 422 from a length check, without a tokenizer call; every
+    request is validated in the validation pool, so the event loop (/health, other streams) never waits on it."""
+    from serving.validation import Validator
+
+    threads, encoded = [], []
+    real_validate, real_encode = Validator.validate, Validator.encode
+
+    def spy_validate(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_validate(self, *args, **kwargs)
+
+    def spy_encode(self, inputs, *args, **kwargs):
+        encoded.append(len(inputs))
+        return real_encode(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Validator, "validate", spy_validate)
+    monkeypatch.setattr(Validator, "encode", spy_encode)
+    with LiveServer() as live, httpx.Client(base_url=live.url, timeout=TIMEOUT) as http:
+        r = http.post("/generate", json={"inputs": "ab" * 950_000, "parameters": {"max_new_tokens": 2}})
+        assert r.status_code == 422 and "must have less than 256 tokens" in r.json()["error"]
+        assert encoded == []  # refused by length alone
+        r = http.post("/generate", json={"inputs": "ab " * 10_000, "parameters": {"truncate": 8, "max_new_tokens": 2}})
+        assert r.status_code == 200 and encoded and encoded[-1] < 30_000  # truncate: only a suffix is tokenized
+        r = http.post("/tokenize", json={"inputs": "ab" * 950_000})
+        assert r.status_code == 422
+        assert http.get("/health").status_code == 200
+    assert threads and all(name.startswith("validation") for name in threads)
