@@ -83,8 +83,24 @@ def openai_finish(step: StepOutput) -> str:
 
 
 def _piece(step: StepOutput) -> str:
-    """The text a streamed chunk carries for one step (nothing for a special token)."""
+    """The text of one step's token (nothing for a special token)."""
     return "" if step.token.special else step.token.text
+
+
+class StreamedText:
+    """What each choice of a stream has sent, so the pieces always add up to the final text: the detokenizer holds
+    back the bytes of an unfinished UTF-8 character, and the last step flushes whatever the pieces left out."""
+
+    def __init__(self) -> None:
+        self._sent: dict[int, int] = {}
+
+    def piece(self, index: int, step: StepOutput) -> str:
+        sent = self._sent.get(index, 0)
+        text = _piece(step)
+        if step.finished and step.generated_text is not None:
+            text = step.generated_text[sent:]
+        self._sent[index] = sent + len(text)
+        return text
 
 
 def _logprobs(tokens: list[TokenInfo], tops: list[list[TokenInfo]]) -> ChatLogprobs:
@@ -172,10 +188,12 @@ async def chat_completions(state: AppState, body: ChatRequest) -> Response:
         created = int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+        streamed = StreamedText()
+
         def render(index: int, step: StepOutput, gen: Generation) -> ChatCompletionChunk:
             choice = ChatCompletionChoice(
                 index=index,
-                delta=ChatDelta(content=_piece(step)),
+                delta=ChatDelta(content=streamed.piece(index, step)),
                 logprobs=_logprobs([step.token], [list(step.top_tokens)]) if body.logprobs else None,
                 finish_reason=openai_finish(step) if step.finished else None,
             )
@@ -234,10 +252,11 @@ async def completions(state: AppState, body: CompletionRequest) -> Response:
     created = int(time.time())
     fields = {"created": created, "model": model, "system_fingerprint": state.system_fingerprint}
     if body.stream:
+        streamed = StreamedText()
 
         def render(index: int, step: StepOutput, gen: Generation) -> Any:
             finish = openai_finish(step) if step.finished else ""
-            choice = CompletionComplete(index=index, text=_piece(step), finish_reason=finish)
+            choice = CompletionComplete(index=index, text=streamed.piece(index, step), finish_reason=finish)
             if step.finished:
                 return CompletionFinal(choices=[choice], usage=_choice_usage(gen), **fields)
             return CompletionChunk(choices=[choice], **fields)

@@ -137,3 +137,21 @@ def test_chat_without_template_uses_plain_transcript():
     request = engine.requests[-1]
     assert request.inputs == "system: be brief\nuser: hello world\nassistant:"
     assert request.input_ids[0] == engine.tokenizer.bos_token_id
+
+
+def test_streamed_pieces_add_up_to_the_final_text_when_bytes_were_held_back():
+    """The engine's detokenizer holds back an unfinished UTF-8 character ('é' over two byte tokens); the stream's
+    last chunk must carry it, or the client's text misses it."""
+    from serving.api.openai_routes import StreamedText
+    from serving.types import StepOutput, TokenInfo
+
+    def step(text: str, n: int, final: str | None = None) -> StepOutput:
+        token = TokenInfo(id=n, text=text, logprob=-0.1, special=False)
+        return StepOutput(request_id=1, token=token, generated_tokens=n, generated_text=final,
+                          finish_reason="length" if final is not None else None)  # fmt: skip
+
+    streamed = StreamedText()
+    steps = [step("print('h", 1), step("", 2), step("llo", 3, final="print('héllo")]
+    assert "".join(streamed.piece(0, s) for s in steps) == "print('héllo"
+    other = StreamedText()  # choices are tracked apart
+    assert other.piece(1, step("x", 1)) == "x" and other.piece(0, step("y", 1, final="y")) == "y"
