@@ -269,25 +269,28 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _OpenAIRequest(BaseModel):
+    """TGI's OpenAI-compatible request fields, with the same serde types as the TGI routes (a value that cannot be
+    a u32 / finite float / boolean is a 422 at the door)."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(default=None, ge=0)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=0)
-    n: Optional[int] = Field(default=None, ge=1)
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
+    max_tokens: Optional[U32] = None
+    max_completion_tokens: Optional[U32] = None
+    n: Optional[Annotated[StrictInt, Field(ge=1, le=2**32 - 1)]] = None
+    temperature: Optional[Finite] = None
+    top_p: Optional[Finite] = None
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = Field(default=None, ge=0, lt=2**64)
-    stream: bool = False
+    seed: Optional[U64] = None
+    stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    repetition_penalty: Optional[float] = None
+    frequency_penalty: Optional[Finite] = None
+    presence_penalty: Optional[Finite] = None
+    repetition_penalty: Optional[Finite] = None
 
     @field_validator("stream", mode="before")
     @classmethod
@@ -302,8 +305,8 @@ class _OpenAIRequest(BaseModel):
 
 class ChatRequest(_OpenAIRequest):
     messages: list[ChatMessage]
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(default=None, ge=0)
+    logprobs: Optional[StrictBool] = None
+    top_logprobs: Optional[U32] = None
     tools: Optional[list[Any]] = None
     tool_choice: Any = None
     response_format: Optional[Any] = None
@@ -312,8 +315,8 @@ class ChatRequest(_OpenAIRequest):
 class CompletionRequest(_OpenAIRequest):
     prompt: Union[str, list[str]]
     suffix: Optional[str] = None
-    logprobs: Optional[int] = None
-    echo: bool = False
+    logprobs: Optional[U32] = None
+    echo: StrictBool = False
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)

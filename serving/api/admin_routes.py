@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from serving.adapters.store import check_adapter_name, resolve_folder
 from serving.api.auth import require_admin
 from serving.api.errors import ApiError
+from serving.api.openapi_docs import errors
 from serving.api.state import State
 from serving.schemas import AdapterList, AdapterLoadRequest
 from serving.settings import ServerSettings
@@ -32,7 +33,7 @@ def allowed_adapter_path(settings: ServerSettings, path: str) -> str:
     raise AdapterError(f"adapter path `{path}` is outside the allowed adapter roots ({roots})")
 
 
-@router.get("/admin/adapters", dependencies=_admin)
+@router.get("/admin/adapters", dependencies=_admin, response_model=AdapterList, responses=errors(401, 404))
 async def list_adapters(state: State) -> Response:
     names = sorted(state.engine.adapter_names())
     return JSONResponse(
@@ -40,7 +41,7 @@ async def list_adapters(state: State) -> Response:
     )
 
 
-@router.post("/admin/adapters", dependencies=_admin)
+@router.post("/admin/adapters", dependencies=_admin, status_code=201, responses=errors(400, 401, 404, 413, 422))
 async def load_adapter(body: AdapterLoadRequest, state: State) -> Response:
     check_adapter_name(body.name)
     if body.name in ("tgi", state.model_id):
@@ -51,7 +52,7 @@ async def load_adapter(body: AdapterLoadRequest, state: State) -> Response:
     return JSONResponse({"name": body.name, "path": path, "adapters": names}, status_code=201)
 
 
-@router.delete("/admin/adapters/{name:path}", dependencies=_admin)
+@router.delete("/admin/adapters/{name:path}", dependencies=_admin, responses=errors(401, 404, 422))
 async def unload_adapter(name: str, state: State) -> Response:
     if name not in state.engine.adapter_names():
         raise ApiError(f"adapter `{name}` is not loaded", 404, "not_found")

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from serving.api.auth import require_api_key
 from serving.api.errors import ApiError
 from serving.api.generation import Generation, Opened, collect_all, finish_reason, merge_streams, open_all
+from serving.api.openapi_docs import GENERATION_ERRORS, JSON_OR_EVENTS
 from serving.api.sse import EventStream, Render, step_events
 from serving.api.state import AppState, State, Timing
 from serving.schemas import (
@@ -280,18 +281,28 @@ async def completions(state: AppState, body: CompletionRequest) -> Response:
 # -------------------------------------------------------------------------------------------------- routes
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=ModelsInfo)
 async def models_route(state: State) -> Response:
     data = [ModelInfo(id=state.model_id, owned_by=state.model_id)]
     data += [ModelInfo(id=name, owned_by=state.model_id) for name in sorted(state.engine.adapter_names())]
     return JSONResponse(ModelsInfo(data=data).model_dump())
 
 
-@router.post("/v1/chat/completions", dependencies=_guarded)
+@router.post(
+    "/v1/chat/completions",
+    dependencies=_guarded,
+    response_model=ChatCompletion,
+    responses={**JSON_OR_EVENTS, **GENERATION_ERRORS},
+)
 async def chat_route(body: ChatRequest, state: State) -> Response:
     return await chat_completions(state, body)
 
 
-@router.post("/v1/completions", dependencies=_guarded)
+@router.post(
+    "/v1/completions",
+    dependencies=_guarded,
+    response_model=CompletionFinal,
+    responses={**JSON_OR_EVENTS, **GENERATION_ERRORS},
+)
 async def completions_route(body: CompletionRequest, state: State) -> Response:
     return await completions(state, body)

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from serving.api.auth import require_api_key
 from serving.api.errors import ApiError
 from serving.api.generation import Generation, collect_all, finish_reason, open_stream, sequence_steps
+from serving.api.openapi_docs import EVENTS, GENERATION_ERRORS, JSON_OR_EVENTS, NO_BODY, PROMETHEUS, errors
 from serving.api.sse import EventStream, step_events
 from serving.api.state import AppState, State
 from serving.metrics import CONTENT_TYPE
@@ -28,6 +29,7 @@ from serving.schemas import (
     GenerateParameters,
     GenerateRequest,
     GenerateResponse,
+    Info,
     PrefillToken,
     SimpleToken,
     StreamDetails,
@@ -143,18 +145,25 @@ async def generate_stream(state: AppState, req: GenerateRequest, return_full_tex
 # -------------------------------------------------------------------------------------------------- routes
 
 
-@router.post("/generate", dependencies=_guarded)
+@router.post("/generate", dependencies=_guarded, response_model=GenerateResponse, responses=GENERATION_ERRORS)
 async def generate_route(req: GenerateRequest, state: State) -> Response:
     answer, headers = await generate(state, req)
     return JSONResponse(answer.model_dump(), headers=headers)
 
 
-@router.post("/generate_stream", dependencies=_guarded)
+@router.post(
+    "/generate_stream", dependencies=_guarded, response_class=Response, responses={**EVENTS, **GENERATION_ERRORS}
+)
 async def generate_stream_route(req: GenerateRequest, state: State) -> Response:
     return await generate_stream(state, req)
 
 
-@router.post("/", dependencies=_guarded)
+@router.post(
+    "/",
+    dependencies=_guarded,
+    response_model=list[GenerateResponse],
+    responses={**JSON_OR_EVENTS, **GENERATION_ERRORS},
+)
 async def compat_route(req: CompatGenerateRequest, state: State) -> Response:
     """TGI's compat route: ``[GenerateResponse]``, or the token stream when ``stream`` is true."""
     default_full_text = state.settings.compat_return_full_text
@@ -164,7 +173,9 @@ async def compat_route(req: CompatGenerateRequest, state: State) -> Response:
     return JSONResponse([answer.model_dump()], headers=headers)
 
 
-@router.post("/tokenize", dependencies=_guarded)
+@router.post(
+    "/tokenize", dependencies=_guarded, response_model=TokenizeResponse, responses=errors(400, 401, 404, 413, 422)
+)
 async def tokenize_route(req: GenerateRequest, state: State) -> Response:
     tokenizer = state.engine.tokenizer
     if not getattr(tokenizer, "is_fast", False):
@@ -179,7 +190,7 @@ async def tokenize_route(req: GenerateRequest, state: State) -> Response:
     return JSONResponse(TokenizeResponse(tokens).model_dump())
 
 
-@router.get("/info")
+@router.get("/info", response_model=Info)
 async def info_route(state: State) -> Response:
     return JSONResponse(state.info().model_dump())
 
@@ -198,9 +209,9 @@ async def health(state: State) -> Response:
 
 
 for _path in ("/health", "/ping", "/"):
-    router.add_api_route(_path, health, methods=["GET"])
+    router.add_api_route(_path, health, methods=["GET"], response_class=Response, responses={**NO_BODY, **errors(503)})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses=PROMETHEUS)
 async def metrics_route(state: State) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)

@@ -155,3 +155,13 @@ def test_streamed_pieces_add_up_to_the_final_text_when_bytes_were_held_back():
     assert "".join(streamed.piece(0, s) for s in steps) == "print('héllo"
     other = StreamedText()  # choices are tracked apart
     assert other.piece(1, step("x", 1)) == "x" and other.piece(0, step("y", 1, final="y")) == "y"
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(("key", "value"), [("max_tokens", 2**63), ("max_completion_tokens", 2**70), ("n", True),
+                                            ("stream", "yes"), ("seed", -1), ("temperature", "hot")])  # fmt: skip
+def test_openai_values_out_of_type_are_422(route, key, value):
+    body = {"prompt": "hi"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    with LiveServer() as live:
+        r = httpx.post(live.url + route, json=body | {key: value}, timeout=TIMEOUT)
+    assert r.status_code == 422 and r.json()["error_type"] == "validation", r.text
