@@ -16,7 +16,7 @@ TEXT_GENERATION := text-generation==0.7.0
 # Debian tools the tests drive for real: speech synthesis, an MP3 encoder, interpreters for pass@k.
 APT_PACKAGES ?= espeak-ng lame perl libtest-deep-perl ruby lua5.4
 
-.PHONY: setup system-deps demo test test-latest lock lint format bench-layer bench-serve bench-milora docker clean
+.PHONY: setup system-deps demo test test-latest lock lint format bench-layer bench-serve bench-milora bench-soak docker clean
 
 setup: $(STAMP) system-deps
 
@@ -92,6 +92,9 @@ bench-serve: setup
 
 bench-milora: setup
 	$(PY) bench/milora.py
+
+bench-soak: setup
+	$(PY) bench/soak.py
 
 # Docker cannot build on the development machines; CI and tests run the same entrypoint (flora-serve) directly.
 docker:

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.api import admin_routes, openai_routes, tgi_routes
 from serving.api.errors import ApiError, error_response, http_error_response, request_error_response
@@ -31,20 +31,45 @@ from serving.types import Engine, FloraServeError
 
 
 class PayloadLimit:
-    """TGI's ``--payload-limit``: refuse bodies over the limit before reading them."""
+    """TGI's ``--payload-limit`` on the bytes actually read: a declared ``Content-Length`` over the limit is refused
+    before reading, and a body without one (``Transfer-Encoding: chunked``) is counted as it arrives and refused
+    the moment it passes the limit. The body read is handed on to the app unchanged."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
 
+    def _too_large(self) -> ASGIApp:
+        return error_response(ApiError(f"Payload too large (limit {self.limit} bytes)", 413, "payload_too_large"))
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope.get("headers") or []).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.limit:
-                exc = ApiError(f"Payload too large (limit {self.limit} bytes)", 413, "payload_too_large")
-                await error_response(exc)(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._too_large()(scope, receive, send)
+            return
+        body: list[Message] = []
+        size = 0
+        while True:  # the body is read here anyway (the routes parse it whole), so buffering adds no memory
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending its body
                 return
-        await self.app(scope, receive, send)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._too_large()(scope, receive, send)
+                return
+            body.append(message)
+            if not message.get("more_body", False):
+                break
+        replay = iter(body)
+
+        async def receive_body_then_events() -> Message:
+            message = next(replay, None)
+            return message if message is not None else await receive()  # then disconnects, for streams
+
+        await self.app(scope, receive_body_then_events, send)
 
 
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:

@@ -153,6 +153,20 @@ def test_api_key_and_payload_limit():
         r = http.post("/generate", json=big, headers={"authorization": "Bearer k3y"})
         assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
 
+        def chunks(payload: bytes, size: int = 500):
+            for i in range(0, len(payload), size):
+                yield payload[i : i + size]
+
+        auth = {"authorization": "Bearer k3y", "content-type": "application/json"}
+        chunked = json.dumps(big).encode()  # no Content-Length: Transfer-Encoding chunked
+        r = http.post("/generate", content=chunks(chunked), headers=auth)
+        assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
+        small = json.dumps(body).encode()
+        r = http.post("/generate", content=chunks(small, 7), headers=auth)  # under the limit, in chunks: served
+        assert r.status_code == 200 and r.json()["generated_text"]
+        r = http.post("/generate_stream", content=chunks(small, 7), headers=auth)
+        assert r.status_code == 200 and b"generated_text" in r.content
+
 
 def test_lifespan_shuts_the_engine_down():
     live = LiveServer(server_settings=settings(graceful_shutdown_timeout=2.5))
