@@ -47,12 +47,11 @@ def build_adapters(model_dir: str, folder: Path) -> dict[str, Path]:
     """Random, non-identity adapters of every kind, plus two versions of the hot one."""
     import copy
 
-    import flora_hf  # first: it quiets bitsandbytes' CPU-kernel warning before peft imports it
     import torch
     from peft import IA3Config, LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    FLoRAConfig, MiLoRAConfig = flora_hf.FLoRAConfig, flora_hf.MiLoRAConfig
+    from flora_hf import FLoRAConfig, MiLoRAConfig
 
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     configs = {
@@ -229,8 +228,12 @@ async def sigterm_in_flight(url: str, pid: int, args: argparse.Namespace) -> dic
     async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout, trust_env=False) as client:
         tasks = [
             asyncio.ensure_future(
-                generate(client, body(PROMPTS[i % len(PROMPTS)], STABLE[i % len(STABLE)], args.sigterm_tokens),
-                         stream=i % 2 == 0, hang_up_after=None)  # fmt: skip
+                generate(
+                    client,
+                    body(PROMPTS[i % len(PROMPTS)], STABLE[i % len(STABLE)], args.sigterm_tokens),
+                    stream=i % 2 == 0,
+                    hang_up_after=None,
+                )  # fmt: skip
             )
             for i in range(args.sigterm_requests)
         ]
@@ -274,8 +277,11 @@ def summarize(run: dict, refs: dict, sigterm: dict, args: argparse.Namespace) ->
         "unclean": sum(1 for r in records if not r.get("clean")),
         "wrong_outputs": check_outputs(records, refs, run["hot_intervals"]),
         "hot_checked_strictly": sum(
-            1 for r in records if r["adapter"] == HOT and r.get("status") == 200 and
-            any(s <= r["t0"] and r["t1"] <= e for s, e, _ in run["hot_intervals"])
+            1
+            for r in records
+            if r["adapter"] == HOT
+            and r.get("status") == 200
+            and any(s <= r["t0"] and r["t1"] <= e for s, e, _ in run["hot_intervals"])
         ),  # fmt: skip
         "admin": {f"{a} {s}": n for (a, s), n in run["admin"].items()},
         "rss_mib": rss,
@@ -299,13 +305,17 @@ def print_report(report: dict, rss_bound: float) -> None:
         ("outputs differing from alone (must be 0)", report["wrong_outputs"]),
         ("hot-adapter requests checked against one version", report["hot_checked_strictly"]),
         ("admin calls", ", ".join(f"{k}: {v}" for k, v in sorted(report["admin"].items()))),
-        ("server RSS MiB start / middle / end", " / ".join(fmt(report["rss_mib"].get(k)) for k in
-                                                         ("start", "middle", "end"))),  # fmt: skip
+        (
+            "server RSS MiB start / middle / end",
+            " / ".join(fmt(report["rss_mib"].get(k)) for k in ("start", "middle", "end")),
+        ),  # fmt: skip
         (f"RSS growth MiB (bound {rss_bound:g})", fmt(report["rss_growth_mib"])),
         ("latency s p50 / p90 / p99", " / ".join(fmt(v) for v in report["latency_s"].values())),
         ("queue ms p50 / p90 / p99", " / ".join(fmt(v) for v in report["queue_ms"].values())),
-        ("SIGTERM: sent / finished / clean errors / hung", "{sent} / {finished} / {clean_errors} / {hung}".format(
-            **report["sigterm"])),  # fmt: skip
+        (
+            "SIGTERM: sent / finished / clean errors / hung",
+            "{sent} / {finished} / {clean_errors} / {hung}".format(**report["sigterm"]),
+        ),  # fmt: skip
         ("SIGTERM: unclean endings (must be none)", report["sigterm"]["unclean"] or "none"),
     ]
     width = max(len(name) for name, _ in rows)
@@ -374,6 +384,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import flora_hf  # noqa: F401  (first: it quiets bitsandbytes' CPU-kernel warning before peft imports it)
+
     args = build_parser().parse_args(argv)
     report = run(args)
     print_report(report, args.rss_bound_mib)
