@@ -82,7 +82,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         state.shutting_down = True
         await engine.shutdown(grace_seconds=settings.graceful_shutdown_timeout)
 
-    app = FastAPI(title="flora-serve", version=VERSION, lifespan=lifespan)
+    # no /docs or /redoc: their pages load scripts from a CDN, blank on an offline machine; /openapi.json stays
+    app = FastAPI(title="flora-serve", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.flora = state
     app.add_middleware(
         CORSMiddleware,
@@ -102,7 +103,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return http_error_response(exc.status_code, exc.detail)
+        return http_error_response(exc.status_code, exc.detail, getattr(exc, "headers", None))
 
     for routes in (tgi_routes, openai_routes, admin_routes):
         app.include_router(routes.router)

@@ -6,7 +6,7 @@ on TGI's wording (``huggingface_hub``, ``text-generation``) keep working.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -84,7 +84,7 @@ def request_error_response(exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"error": message, "error_type": "validation"}, status_code=422)
 
 
-def http_error_response(status_code: int, detail: object) -> JSONResponse:
-    """Starlette's own errors (unknown route, wrong method) in the same shape."""
+def http_error_response(status_code: int, detail: object, headers: Optional[Mapping[str, str]] = None) -> JSONResponse:
+    """Starlette's own errors (unknown route, wrong method) in the same shape, with their headers (405's Allow)."""
     kind = "not_found" if status_code == 404 else "http"
-    return JSONResponse({"error": str(detail), "error_type": kind}, status_code=status_code)
+    return JSONResponse({"error": str(detail), "error_type": kind}, status_code=status_code, headers=headers)

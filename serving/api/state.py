@@ -62,7 +62,9 @@ class AppState:
             model_id=self.model_id,
         )
         self.metrics = ServerMetrics(self.max_input_tokens, self.max_total_tokens, engine.stats)
-        self.compute_type = os.environ.get("COMPUTE_TYPE", "gpu+optimized")
+        device = getattr(getattr(engine, "device", None), "type", None)
+        default_compute = "cpu" if device in (None, "cpu") else "gpu+optimized"  # TGI's images set COMPUTE_TYPE
+        self.compute_type = os.environ.get("COMPUTE_TYPE", default_compute)
         self.docker_label = os.environ.get("DOCKER_LABEL") or None
         self.system_fingerprint = f"{VERSION}-{self.docker_label or 'native'}"
         self.shutting_down = False
@@ -123,6 +125,11 @@ class AppState:
         headers = {"x-compute-type": self.compute_type, **(headers or {})}
         return EventStream(events, headers, keep_alive=self.settings.keep_alive_interval)
 
+    def _enforced_batch_tokens(self) -> Optional[int]:
+        """The running-batch token budget the engine enforces (its default when the flag is unset)."""
+        limits = getattr(self.engine, "limits", None)
+        return getattr(limits, "max_batch_total_tokens", None) or self.settings.max_batch_total_tokens
+
     def info(self) -> Info:
         model = getattr(self.engine, "model", None)
         dtype = getattr(self.engine, "dtype", None) or getattr(model, "dtype", None) or self.settings.dtype
@@ -137,7 +144,7 @@ class AppState:
             max_input_tokens=self.max_input_tokens,
             max_input_length=self.max_input_tokens,
             max_total_tokens=self.max_total_tokens,
-            max_batch_total_tokens=self.settings.max_batch_total_tokens,
+            max_batch_total_tokens=self._enforced_batch_tokens(),
             max_client_batch_size=self.settings.max_client_batch_size,
             version=VERSION,
             docker_label=self.docker_label,

@@ -236,3 +236,13 @@ def test_cli_help_needs_no_engine():
         [sys.executable, "-m", "serving.cli", "--help"], cwd=REPO, capture_output=True, text=True, timeout=30
     )
     assert out.returncode == 0 and "--lora-adapters" in out.stdout and "MAX_TOTAL_TOKENS" in out.stdout
+
+
+def test_metadata_says_what_is_enforced_and_where_it_runs():
+    with LiveServer() as live, httpx.Client(base_url=live.url, timeout=TIMEOUT) as http:
+        r = http.put("/generate", json={})
+        assert r.status_code == 405 and "POST" in r.headers.get("allow", "")
+        assert http.get("/docs").status_code == 404  # no page that needs a CDN
+        assert http.get("/openapi.json").status_code == 200
+        r = http.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 1}})
+        assert r.headers["x-compute-type"] == "cpu"  # the fake engine has no device: not "gpu+optimized"
