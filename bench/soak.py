@@ -161,7 +161,8 @@ async def soak(url: str, args: argparse.Namespace, refs: dict, hot: dict[str, Pa
     admin_statuses: Counter = Counter()
     rss = {"start": rss_mib(pid)}
     deadline = time.perf_counter() + args.duration
-    limits = httpx.Limits(max_connections=args.clients + 4)
+    # idle connections close on our side first (uvicorn closes them after 5 s): no keep-alive race on reuse
+    limits = httpx.Limits(max_connections=args.clients + 4, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout, limits=limits, trust_env=False) as client:
 
         async def client_loop(index: int) -> None:

@@ -6,6 +6,7 @@ another factory (the tests use a fake engine, other backends can plug in the sam
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import os
@@ -38,14 +39,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     engine = load_engine_factory()(settings)
     app = create_app(engine, settings)
     logger.info("serving %s on %s:%d", settings.model_id, settings.hostname, settings.port)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.hostname,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=max(int(settings.graceful_shutdown_timeout), 1),
+        # longer than the engine's grace, so the requests it fails at the end still get their error answers
+        timeout_graceful_shutdown=int(settings.graceful_shutdown_timeout) + SHUTDOWN_MARGIN_S,
     )
+    draining_server_class()(config, app.state.flora).run()
     return 0
+
+
+SHUTDOWN_MARGIN_S = 5
+
+
+def draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, starting the engine's graceful shutdown at the signal itself. uvicorn alone would
+        wait for connections and then cut them (a plain-text 500, a stream with no error event) before the app's
+        lifespan told the engine anything."""
+
+        def __init__(self, config: Any, state: Any) -> None:
+            super().__init__(config)
+            self._state = state
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._state.drain()))
+            super().handle_exit(sig, frame)
+
+    return DrainingServer
 
 
 if __name__ == "__main__":

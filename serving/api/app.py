@@ -79,8 +79,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        state.shutting_down = True
-        await engine.shutdown(grace_seconds=settings.graceful_shutdown_timeout)
+        await state.drain()
 
     # no /docs or /redoc: their pages load scripts from a CDN, blank on an offline machine; /openapi.json stays
     app = FastAPI(title="flora-serve", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None)

@@ -68,6 +68,19 @@ class AppState:
         self.docker_label = os.environ.get("DOCKER_LABEL") or None
         self.system_fingerprint = f"{VERSION}-{self.docker_label or 'native'}"
         self.shutting_down = False
+        self._drain: Optional[asyncio.Future] = None
+
+    async def drain(self) -> None:
+        """Stop taking requests and give those in flight ``--graceful-shutdown-timeout`` to finish; the engine then
+        fails the rest with an error their routes send properly (a JSON body, or a stream's final error event).
+        Started by SIGTERM itself, while uvicorn still holds the connections open, and awaited again (once) by the
+        lifespan."""
+        if self._drain is None:
+            self.shutting_down = True
+            self._drain = asyncio.ensure_future(
+                self.engine.shutdown(grace_seconds=self.settings.graceful_shutdown_timeout)
+            )
+        await asyncio.shield(self._drain)
 
     def start_request(self) -> Timing:
         """Count a generation request and start its clock."""

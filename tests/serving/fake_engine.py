@@ -72,6 +72,7 @@ class FakeEngine:
         self.cancelled: list[int] = []
         self.in_flight = 0
         self.shutdown_calls: list[float] = []
+        self.stopped = False
 
     def adapter_names(self) -> list[str]:
         return list(self.adapters)
@@ -88,8 +89,13 @@ class FakeEngine:
         return {"queue_size": 0, "batch_size": self.in_flight, "in_flight": self.in_flight}
 
     async def shutdown(self, grace_seconds: float = 10.0) -> None:
+        """As the real engine: in-flight requests get ``grace_seconds`` to finish, then fail with an error."""
         self.shutdown_calls.append(grace_seconds)
         print(f"fake engine shutdown grace={grace_seconds}", file=sys.stderr, flush=True)
+        deadline = asyncio.get_running_loop().time() + grace_seconds
+        while self.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        self.stopped = True
 
     def _info(self, token_id: int, logprob: Optional[float]) -> TokenInfo:
         special = token_id in self.tokenizer.all_special_ids
@@ -140,6 +146,8 @@ class FakeEngine:
                 finish = "length"
             if "FAIL" in request.inputs and step == 2:
                 raise GenerationError("the fake model failed while decoding")
+            if self.stopped:
+                raise GenerationError("the server shut down before this request finished")
             await asyncio.sleep(0.05 if "SLOW" in request.inputs else 0)
             top = [self._info(ids[(step + k) % len(ids)], logprob - k) for k in range(request.top_n_tokens)]
             yield StepOutput(

@@ -231,6 +231,56 @@ def test_cli_serves_and_shuts_down_gracefully(tmp_path):
     assert "fake engine shutdown grace=3.0" in stderr  # the lifespan ran: a graceful shutdown, not a kill
 
 
+def test_sigterm_fails_what_outlives_the_grace_with_proper_errors(tmp_path):
+    """Requests still running when the grace ends get TGI's error shape: a JSON 424 for a plain request, a final
+    error event for a stream (uvicorn alone would cut them: a plain-text 500 and a stream with no end)."""
+    import threading
+
+    port = _free_port()
+    env = {**os.environ, "FLORA_ENGINE_FACTORY": "tests.serving.fake_engine:build_engine", "PYTHONPATH": str(REPO),
+           "MODEL_ID": "fake/cli-model", "PORT": str(port), "HOSTNAME": "127.0.0.1"}  # fmt: skip
+    cmd = [*_entrypoint(), "--graceful-shutdown-timeout", "1", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    results: dict[str, object] = {}
+    slow = {"inputs": "SLOW hello", "parameters": {"max_new_tokens": 200}}  # 10 s of tokens, far past the grace
+
+    def plain() -> None:
+        r = httpx.post(f"{url}/generate", json=slow, timeout=TIMEOUT)
+        results["plain"] = (r.status_code, r.headers.get("content-type"), r.text)
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{url}/generate_stream", json=slow, timeout=TIMEOUT) as r:
+            results["stream"] = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+
+    try:
+        assert wait_for(lambda: _answers(url), 30.0)
+        threads = [threading.Thread(target=f) for f in (plain, stream)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    status, content_type, text = results["plain"]
+    assert status == 424 and content_type.startswith("application/json"), text
+    assert json.loads(text)["error_type"] == "generation"
+    events = results["stream"]
+    assert len(events) > 2 and set(events[-1]) == {"error", "error_type"}, events[-1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def test_cli_help_needs_no_engine():
     out = subprocess.run(
         [sys.executable, "-m", "serving.cli", "--help"], cwd=REPO, capture_output=True, text=True, timeout=30
