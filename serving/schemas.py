@@ -291,6 +291,7 @@ class _OpenAIRequest(BaseModel):
     frequency_penalty: Optional[Finite] = None
     presence_penalty: Optional[Finite] = None
     repetition_penalty: Optional[Finite] = None
+    logit_bias: Optional[dict[str, Finite]] = None  # parsed so it can be refused, not dropped
 
     @field_validator("stream", mode="before")
     @classmethod

@@ -8,7 +8,8 @@ Behaviour follows TGI's router (``router/src/server.rs``) except where noted:
   ``data:{"error": ..., "error_type": ...}`` event, as in TGI.
 - An unknown ``adapter_id`` is a 422 naming it and the loaded adapters (TGI silently uses the base model).
 - OpenAI routes: ``model`` names the adapter; ``top_p == 1.0`` means "off" (TGI answers 422); ``n`` > 1 is
-  served (TGI ignores it); ``presence_penalty`` is accepted and ignored.
+  served (TGI ignores it); fields it cannot honour (``presence_penalty``, ``logit_bias``, completion
+  ``logprobs``; ``suffix`` as TGI) are refused with a 422, never silently ignored.
 """
 
 from __future__ import annotations

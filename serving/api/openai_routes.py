@@ -56,6 +56,9 @@ def _sampling_from_openai(body: Any, *, top_n_tokens: Optional[int] = None) -> G
     """TGI's mapping: temperature 0 means greedy, anything else (or nothing) samples; 100 new tokens by default."""
     greedy = body.temperature is not None and body.temperature == 0.0
     max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+    if body.top_p is not None and not 0.0 < body.top_p <= 1.0:  # OpenAI's range; 1.0 keeps every token ("off")
+        raise ValidationError("`top_p` must be > 0.0 and <= 1.0")
+    refuse_unsupported(body)
     return GenerateParameters(
         do_sample=not greedy,
         temperature=None if greedy else body.temperature,
@@ -68,6 +71,17 @@ def _sampling_from_openai(body: Any, *, top_n_tokens: Optional[int] = None) -> G
         top_n_tokens=top_n_tokens,
         adapter_id=None if body.model in OPENAI_BASE_MODEL_NAMES else body.model,
     )
+
+
+def refuse_unsupported(body: Any) -> None:
+    """OpenAI fields this server cannot honour are refused, not silently ignored (a client relying on one would
+    get different output than it asked for without knowing)."""
+    if getattr(body, "logit_bias", None):
+        raise ValidationError("`logit_bias` is not supported")
+    if getattr(body, "presence_penalty", None):
+        raise ValidationError("`presence_penalty` is not supported; use `frequency_penalty` or `repetition_penalty`")
+    if isinstance(body, CompletionRequest) and body.logprobs:
+        raise ValidationError("`logprobs` is not supported on /v1/completions; use /v1/chat/completions")
 
 
 def _choices(state: AppState, request: GenerationRequest, n: int) -> list[GenerationRequest]:

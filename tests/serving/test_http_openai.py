@@ -165,3 +165,20 @@ def test_openai_values_out_of_type_are_422(route, key, value):
     with LiveServer() as live:
         r = httpx.post(live.url + route, json=body | {key: value}, timeout=TIMEOUT)
     assert r.status_code == 422 and r.json()["error_type"] == "validation", r.text
+
+
+@pytest.mark.parametrize(
+    ("route", "extra", "message"),
+    [("/v1/chat/completions", {"top_p": 1.5}, "`top_p` must be > 0.0 and <= 1.0"),
+     ("/v1/chat/completions", {"logit_bias": {"12": 5.0}}, "`logit_bias` is not supported"),
+     ("/v1/chat/completions", {"presence_penalty": 0.5}, "`presence_penalty` is not supported"),
+     ("/v1/completions", {"logprobs": 2}, "`logprobs` is not supported"),
+     ("/v1/completions", {"suffix": "end"}, "Suffix is not supported")],
+)  # fmt: skip
+def test_openai_fields_it_cannot_honour_are_refused(route, extra, message):
+    body = {"prompt": "hi"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    with LiveServer() as live:
+        r = httpx.post(live.url + route, json=body | extra, timeout=TIMEOUT)
+        ok = httpx.post(live.url + route, json=body | {"top_p": 1.0, "presence_penalty": 0}, timeout=TIMEOUT)
+    assert r.status_code == 422 and message in r.json()["error"], r.text
+    assert ok.status_code == 200  # 1.0 is OpenAI's "off", a zero penalty changes nothing
