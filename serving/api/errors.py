@@ -63,7 +63,13 @@ def failure_label(exc: FloraServeError) -> str:
 
 def error_payload(exc: FloraServeError) -> ErrorResponse:
     """The body of an error response, or of the last event of a stream that failed."""
-    return ErrorResponse(error=error_message(exc), error_type=exc.error_type)
+    return ErrorResponse(error=utf8_safe(error_message(exc)), error_type=exc.error_type)
+
+
+def utf8_safe(text: str) -> str:
+    """``text`` with lone surrogates (valid in JSON escapes, not in UTF-8) replaced: an error message that echoes
+    a client's ``\\ud800`` must still be sendable, or the error itself becomes a 500."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def error_response(exc: FloraServeError) -> JSONResponse:

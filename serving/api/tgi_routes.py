@@ -37,7 +37,7 @@ from serving.schemas import (
     Token,
     TokenizeResponse,
 )
-from serving.types import StepOutput, TokenInfo
+from serving.types import StepOutput, TokenInfo, ValidationError
 from serving.validation import fork
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,10 @@ async def tokenize_route(req: GenerateRequest, state: State) -> Response:
         raise ApiError("No fast tokenizer available", 404, "tokenizer")
     inputs = state.validator.bound_before_tokenizing(req.inputs, req.parameters.truncate)
     encode = functools.partial(tokenizer, inputs, return_offsets_mapping=True)
-    encoding = await asyncio.get_running_loop().run_in_executor(state.validation_pool, encode)
+    try:
+        encoding = await asyncio.get_running_loop().run_in_executor(state.validation_pool, encode)
+    except Exception as err:  # as Validator.encode: any tokenizer failure on client text is the client's 422
+        raise ValidationError(f"tokenizer error {err}") from err
     tokens = [
         SimpleToken(id=i, text=inputs[start:stop], start=start, stop=stop)
         for i, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"])

@@ -151,6 +151,19 @@ def test_bad_adapters_are_refused_with_clear_messages(adapters, tmp_path) -> Non
     with pytest.raises(AdapterError, match="does not fit the base model"):
         store.register("mismatched", root / "mismatched")
 
+    huge = root / "huge"  # a header that claims terabyte shapes: refused from the header, nothing allocated
+    _copy_adapter(root / "flora1", huge)
+    data = (huge / "adapter_model.safetensors").read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    for key, entry in header.items():
+        if key != "__metadata__":
+            entry["shape"], entry["data_offsets"] = [10**6, 10**6], [0, 4 * 10**12]
+    packed = json.dumps(header).encode()
+    (huge / "adapter_model.safetensors").write_bytes(len(packed).to_bytes(8, "little") + packed + data[8 + size :])
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+        store.register("huge", huge)
+
     binary = root / "binary"
     _copy_adapter(root / "flora1", binary)
     (binary / "adapter_model.safetensors").rename(binary / "adapter_model.bin")

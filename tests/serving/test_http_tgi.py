@@ -318,3 +318,24 @@ def test_a_huge_prompt_is_refused_before_tokenizing_and_validation_runs_off_the_
         assert r.status_code == 422
         assert http.get("/health").status_code == 200
     assert threads and all(name.startswith("validation") for name in threads)
+
+
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [("/generate", b'{"inputs": "\\ud800 lone", "parameters": {}}'),
+     ("/tokenize", b'{"inputs": "\\ud800 lone"}'),
+     ("/generate", b'{"inputs": "ok", "parameters": {"adapter_id": "\\udfff"}}'),
+     ("/generate_stream", b'{"inputs": "ok", "parameters": {"adapter_id": "\\ud800"}}'),
+     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+     ("/v1/chat/completions", b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}'),
+     ("/generate", b'{"inputs": "\xff\xfe not utf-8", "parameters": {}}')],
+)  # fmt: skip
+def test_hostile_strings_are_4xx_and_the_server_keeps_serving(http, path, raw):
+    r = http.post(path, content=raw, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500 and set(r.json()) == {"error", "error_type"}, r.text
+    assert http.post("/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+
+def test_a_prompt_of_only_special_tokens_is_served(http):
+    r = http.post("/generate", json={"inputs": "<s></s><pad><s>", "parameters": {"max_new_tokens": 2}})
+    assert r.status_code == 200 and "generated_text" in r.json()
