@@ -333,7 +333,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def load_model_and_tokenizer(
-    model_id: str, device: torch.device, dtype: Optional[str] = None, quantize: Optional[str] = None
+    model_id: str,
+    device: torch.device,
+    dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
+    cache_dir: Optional[str] = None,
 ):
     """Load a causal LM from a local folder or the hub, with a message that says what to do offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -347,8 +351,8 @@ def load_model_and_tokenizer(
 
         extra = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": str(device)}}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(model_id, cache_dir=cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, cache_dir=cache_dir, **extra)
     except OSError as exc:
         raise SystemExit(
             f"could not load model {model_id!r}: {exc}\nWithout network access, pass --model-id a local folder "
@@ -381,13 +385,16 @@ def build_engine_from_parts(
 def build_engine(settings) -> LLMEngine:
     """The engine ``flora-serve`` runs: model and tokenizer from ``settings.model_id``, start-up adapters loaded."""
     device = resolve_device(settings.device)
-    model, tokenizer = load_model_and_tokenizer(settings.model_id, device, settings.dtype, settings.quantize)
+    model, tokenizer = load_model_and_tokenizer(  # TGI's --huggingface-hub-cache: where hub files are read/written
+        settings.model_id, device, settings.dtype, settings.quantize, cache_dir=settings.huggingface_hub_cache
+    )
     _, max_total = settings.token_limits(getattr(model.config, "max_position_embeddings", None))
     roots = settings.adapter_roots or sorted({str(Path(p).resolve().parent) for p in settings.lora_adapters.values()})
     limits = EngineLimits(
         max_concurrent_requests=settings.max_concurrent_requests,
         max_batch_total_tokens=settings.max_batch_total_tokens or max(16384, max_total),
         max_batch_prefill_tokens=settings.max_batch_prefill_tokens,
+        max_batch_size=settings.max_batch_size,
         waiting_served_ratio=settings.waiting_served_ratio,
         max_waiting_tokens=settings.max_waiting_tokens,
     )

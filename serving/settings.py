@@ -40,6 +40,8 @@ class ServerSettings:
     waiting_served_ratio: float = 1.2
     max_waiting_tokens: int = 20
     max_client_batch_size: int = 4
+    max_batch_size: Optional[int] = None
+    huggingface_hub_cache: Optional[str] = None
     validation_workers: int = 2
     dtype: Optional[str] = None
     quantize: Optional[str] = None
@@ -159,6 +161,10 @@ _OPTIONS: list[tuple[str, tuple[str, ...], tuple[str, ...], Any, str]] = [
     ("max_waiting_tokens", (), ("MAX_WAITING_TOKENS",), int,
      "...or after this many decoding steps without admitting any (20)"),
     ("max_client_batch_size", (), ("MAX_CLIENT_BATCH_SIZE",), int, "most prompts or `n` per OpenAI request (4)"),
+    ("max_batch_size", (), ("MAX_BATCH_SIZE",), int, "most rows in the running batch (default: token budgets only)"),
+    ("huggingface_hub_cache", (), ("HUGGINGFACE_HUB_CACHE", "HF_HUB_CACHE"), str,
+     "hub cache folder models and adapters are read from and downloaded to"),
+    ("json_output", (), ("JSON_OUTPUT",), None, "TGI's JSON log lines: not supported (refused, not ignored)"),
     ("validation_workers", (), ("VALIDATION_WORKERS",), int,
      "threads that tokenize and validate requests, off the event loop (2, as TGI)"),
     ("dtype", (), ("DTYPE",), str, "float16, bfloat16 or float32"),
@@ -174,7 +180,8 @@ _OPTIONS: list[tuple[str, tuple[str, ...], tuple[str, ...], Any, str]] = [
     ("cors_allow_origin", (), ("CORS_ALLOW_ORIGIN",), str, "comma-separated allowed origins (default: any)"),
     ("payload_limit", (), ("PAYLOAD_LIMIT",), int, "largest request body in bytes (2000000)"),
     ("log_level", (), ("LOG_LEVEL",), str, "debug, info, warning or error"),
-    ("graceful_shutdown_timeout", (), ("FLORA_GRACEFUL_SHUTDOWN_TIMEOUT",), float,
+    ("graceful_shutdown_timeout", ("--graceful-termination-timeout",),
+     ("FLORA_GRACEFUL_SHUTDOWN_TIMEOUT", "GRACEFUL_TERMINATION_TIMEOUT"), float,
      "seconds in-flight requests get to finish on SIGTERM (10)"),
 ]  # fmt: skip
 
@@ -234,6 +241,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, 
 def _settings_from(values: dict[str, Any], env: Mapping[str, str]) -> ServerSettings:
     if not values.get("model_id"):
         raise ValueError("--model-id (or MODEL_ID) is required")
+    if values.pop("json_output", None):
+        raise ValueError("--json-output (JSON_OUTPUT) is not supported: flora-serve logs plain text lines")
     adapters = parse_lora_adapters(values.pop("lora_adapters", None))
     roots = _split(values.pop("adapter_roots", None)) or default_adapter_roots(adapters)
     values["cors_allow_origin"] = _split(values.pop("cors_allow_origin", None))
@@ -252,6 +261,7 @@ def _settings_from(values: dict[str, Any], env: Mapping[str, str]) -> ServerSett
         "max_loaded_adapters",
         "max_waiting_tokens",
         "validation_workers",
+        "max_batch_size",
     ):
         if name in values and values[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

@@ -68,3 +68,18 @@ def test_token_limits():
     assert resolve_token_limits(None, 512) == (511, 512)
     assert resolve_token_limits(100, None) == (100, 101)
     assert ServerSettings(model_id="m", max_input_tokens=10, max_total_tokens=20).token_limits(4096) == (10, 20)
+
+
+def test_tgi_flag_names_are_accepted_honoured_or_refused_loudly(capsys):
+    s = parse_args(["--model-id", "m", "--graceful-termination-timeout", "90", "--max-batch-size", "8",
+                    "--huggingface-hub-cache", "/cache", "--validation-workers", "3"])  # fmt: skip
+    assert (s.graceful_shutdown_timeout, s.max_batch_size, s.huggingface_hub_cache, s.validation_workers) == (
+        90.0, 8, "/cache", 3)  # fmt: skip
+    env = {"MODEL_ID": "m", "GRACEFUL_TERMINATION_TIMEOUT": "7", "MAX_BATCH_SIZE": "2", "HF_HUB_CACHE": "/c"}
+    s = parse_args([], env=env)
+    assert (s.graceful_shutdown_timeout, s.max_batch_size, s.huggingface_hub_cache) == (7.0, 2, "/c")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--model-id", "m", "--json-output"])
+    assert exit_info.value.code == 2 and "--json-output" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args([], env={"MODEL_ID": "m", "JSON_OUTPUT": "true"})
