@@ -1,25 +1,15 @@
 """The serving benchmark runs end to end against real flora-serve processes on a tiny model (no timing asserts)."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from tests.bench.scripts import load_script
-from tests.serving.tiny_serving import tiny_causal_lm, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def serve_bench():
     yield from load_script("serve")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_causal_lm().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def test_serve_bench_end_to_end(serve_bench, tiny_model_dir, tmp_path):

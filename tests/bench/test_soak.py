@@ -3,25 +3,15 @@ streams, hang-ups and a SIGTERM with requests in flight. The promises are counts
 ending, no output that differs from serving the request alone, no request left hanging at SIGTERM."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from tests.bench.scripts import load_script
-from tests.serving.tiny_serving import tiny_causal_lm, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def soak_bench():
     yield from load_script("soak")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-soak-model")
-    tiny_causal_lm().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def test_short_soak_keeps_every_promise(soak_bench, tiny_model_dir, tmp_path, capsys) -> None:
