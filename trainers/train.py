@@ -487,6 +487,18 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return load_recipe(args.recipe, overrides)
 
 
+def close_process_group(wait_for_others: bool = True) -> None:
+    """End a launched run's process group before the interpreter exits: left open, its communication threads can
+    outlive Python's shutdown and abort the process ("terminate called without an active exception"), failing a
+    run that trained and saved correctly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait_for_others:
+            dist.barrier()  # every rank has saved before any tears the group down
+        dist.destroy_process_group()
+
+
 def _refuse_problems(recipe: Recipe, allow_cpu: bool) -> None:
     problems = preflight(recipe, allow_cpu)
     if problems:
@@ -514,7 +526,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"flora-train: launching {shlex.join(command)}", file=sys.stderr)
             return subprocess.call(command, env=launch_env())
         _refuse_problems(recipe, args.allow_cpu)
-        result = train(recipe, progress=not args.no_progress)
+        try:
+            result = train(recipe, progress=not args.no_progress)
+        except BaseException:
+            close_process_group(wait_for_others=False)  # a failed rank must not wait for the others forever
+            raise
+        close_process_group()
     except (RecipeError, ModelUnavailable, LaunchError, FileNotFoundError) as err:
         print(f"flora-train: error: {err}", file=sys.stderr)
         return 2
