@@ -209,6 +209,13 @@ class TokenizeResponse(RootModel[list[SimpleToken]]):
     pass
 
 
+class ChatTokenizeResponse(_Wire):
+    """TGI's ``/chat_tokenize`` answer."""
+
+    tokenize_response: TokenizeResponse
+    templated_text: str
+
+
 class Info(_Wire):
     """``GET /info``: TGI's fields (current and legacy names) plus flora's adapter limits."""
 

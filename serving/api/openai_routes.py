@@ -15,9 +15,10 @@ from fastapi.responses import JSONResponse, Response
 from serving.api.auth import require_api_key
 from serving.api.errors import ApiError
 from serving.api.generation import Generation, Opened, collect_all, finish_reason, merge_streams, open_all
-from serving.api.openapi_docs import GENERATION_ERRORS, JSON_OR_EVENTS
+from serving.api.openapi_docs import GENERATION_ERRORS, JSON_OR_EVENTS, errors
 from serving.api.sse import EventStream, Render, step_events
 from serving.api.state import AppState, State, Timing
+from serving.api.tgi_routes import tokens_with_offsets
 from serving.schemas import (
     ChatCompletion,
     ChatCompletionChoice,
@@ -26,6 +27,7 @@ from serving.schemas import (
     ChatDelta,
     ChatLogprobs,
     ChatRequest,
+    ChatTokenizeResponse,
     CompletionChunk,
     CompletionComplete,
     CompletionFinal,
@@ -293,6 +295,19 @@ async def completions(state: AppState, body: CompletionRequest) -> Response:
 
 
 # -------------------------------------------------------------------------------------------------- routes
+
+
+@router.post(
+    "/chat_tokenize",
+    dependencies=_guarded,
+    response_model=ChatTokenizeResponse,
+    responses=errors(400, 401, 404, 413, 422),
+)
+async def chat_tokenize_route(body: ChatRequest, state: State) -> Response:
+    """TGI's ``/chat_tokenize``: the prompt the chat template makes of ``messages``, and its tokens."""
+    prompt, special = chat_prompt(state.engine.tokenizer, body)
+    tokens = await tokens_with_offsets(state, prompt, add_special_tokens=special)
+    return JSONResponse(ChatTokenizeResponse(tokenize_response=tokens, templated_text=prompt).model_dump())
 
 
 @router.get("/v1/models", response_model=ModelsInfo)

@@ -173,24 +173,44 @@ async def compat_route(req: CompatGenerateRequest, state: State) -> Response:
     return JSONResponse([answer.model_dump()], headers=headers)
 
 
-@router.post(
-    "/tokenize", dependencies=_guarded, response_model=TokenizeResponse, responses=errors(400, 401, 404, 413, 422)
-)
-async def tokenize_route(req: GenerateRequest, state: State) -> Response:
+async def tokens_with_offsets(
+    state: AppState, text: str, truncate: Optional[int] = None, add_special_tokens: bool = True
+) -> TokenizeResponse:
+    """``text``'s tokens with their character spans (TGI's ``/tokenize``), tokenized in the validation pool."""
     tokenizer = state.engine.tokenizer
     if not getattr(tokenizer, "is_fast", False):
         raise ApiError("No fast tokenizer available", 404, "tokenizer")
-    inputs = state.validator.bound_before_tokenizing(req.inputs, req.parameters.truncate)
-    encode = functools.partial(tokenizer, inputs, return_offsets_mapping=True)
+    inputs = state.validator.bound_before_tokenizing(text, truncate)
+    encode = functools.partial(tokenizer, inputs, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
     try:
         encoding = await asyncio.get_running_loop().run_in_executor(state.validation_pool, encode)
     except Exception as err:  # as Validator.encode: any tokenizer failure on client text is the client's 422
         raise ValidationError(f"tokenizer error {err}") from err
-    tokens = [
-        SimpleToken(id=i, text=inputs[start:stop], start=start, stop=stop)
-        for i, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"])
-    ]
-    return JSONResponse(TokenizeResponse(tokens).model_dump())
+    return TokenizeResponse(
+        [
+            SimpleToken(id=i, text=inputs[start:stop], start=start, stop=stop)
+            for i, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"])
+        ]
+    )
+
+
+@router.post(
+    "/tokenize", dependencies=_guarded, response_model=TokenizeResponse, responses=errors(400, 401, 404, 413, 422)
+)
+async def tokenize_route(req: GenerateRequest, state: State) -> Response:
+    tokens = await tokens_with_offsets(state, req.inputs, req.parameters.truncate)
+    return JSONResponse(tokens.model_dump())
+
+
+@router.post(
+    "/invocations",
+    dependencies=_guarded,
+    response_model=list[GenerateResponse],
+    responses={**JSON_OR_EVENTS, **GENERATION_ERRORS},
+)
+async def invocations_route(req: CompatGenerateRequest, state: State) -> Response:
+    """SageMaker's route (TGI serves it too): the same as ``POST /``."""
+    return await compat_route(req, state)
 
 
 @router.get("/info", response_model=Info)

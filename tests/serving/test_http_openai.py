@@ -182,3 +182,16 @@ def test_openai_fields_it_cannot_honour_are_refused(route, extra, message):
         ok = httpx.post(live.url + route, json=body | {"top_p": 1.0, "presence_penalty": 0}, timeout=TIMEOUT)
     assert r.status_code == 422 and message in r.json()["error"], r.text
     assert ok.status_code == 200  # 1.0 is OpenAI's "off", a zero penalty changes nothing
+
+
+def test_chat_tokenize_and_invocations_routes():
+    """TGI's /chat_tokenize (the templated prompt and its tokens) and SageMaker's /invocations (= POST /)."""
+    with LiveServer() as live, httpx.Client(base_url=live.url, timeout=TIMEOUT) as http:
+        r = http.post("/chat_tokenize", json={"messages": [{"role": "user", "content": "hello"}]})
+        assert r.status_code == 200
+        body = r.json()
+        assert "hello" in body["templated_text"] and body["tokenize_response"]
+        assert "".join(t["text"] for t in body["tokenize_response"]) == body["templated_text"]
+        r = http.post("/invocations", json={"inputs": "hello", "parameters": {"max_new_tokens": 2}})
+        same = http.post("/", json={"inputs": "hello", "parameters": {"max_new_tokens": 2}})
+        assert r.status_code == 200 and r.json() == same.json()
