@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from functools import partial
-from typing import Any, Callable, ContextManager, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 from torch import nn
 
@@ -32,26 +32,31 @@ def register_snapshotter(snapshotter: Snapshotter) -> Snapshotter:
     return snapshotter
 
 
+def attribute_snapshot(targets: Sequence[tuple[Any, Sequence[str]]]) -> Snapshot:
+    """A snapshot of the named attributes of each object, restored inside ``with`` and put back after it."""
+    saved = [(obj, {name: getattr(obj, name) for name in names}) for obj, names in targets]
+
+    @contextmanager
+    def restore() -> Iterator[None]:
+        previous = [(obj, {name: getattr(obj, name) for name in values}) for obj, values in saved]
+        for obj, values in saved:
+            for name, value in values.items():
+                setattr(obj, name, value)
+        try:
+            yield
+        finally:
+            for obj, values in previous:
+                for name, value in values.items():
+                    setattr(obj, name, value)
+
+    return restore
+
+
 @register_snapshotter
 def _adapter_batches(module: nn.Module) -> Optional[Snapshot]:
     """The per-example adapter batch of every adapter layer and mixed-batch wrapper inside ``module``."""
     holders = [m for m in module.modules() if hasattr(m, "_adapter_batch")]
-    if not holders:
-        return None
-    saved = [(m, m._adapter_batch) for m in holders]
-
-    @contextmanager
-    def restore() -> Iterator[None]:
-        previous = [(m, m._adapter_batch) for m, _ in saved]
-        for m, batch in saved:
-            m._adapter_batch = batch
-        try:
-            yield
-        finally:
-            for m, batch in previous:
-                m._adapter_batch = batch
-
-    return restore
+    return attribute_snapshot([(m, ("_adapter_batch",)) for m in holders]) if holders else None
 
 
 def checkpointing_modules(model: nn.Module) -> list[nn.Module]:

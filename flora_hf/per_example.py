@@ -86,10 +86,9 @@ class PerExampleAdapterLayer:
         # A recompute under transformers' checkpointing has its forward's batch restored (checkpointing.py); one
         # under a hand-made torch.utils.checkpoint falls back to the batch of the last forward (saved in any grad
         # mode: reentrant checkpointing runs its first forward without autograd).
-        if _in_backward() and self._adapter_batch is None:
-            return self._saved_adapter_batch
-        if not _in_backward():
-            self._saved_adapter_batch = self._adapter_batch
+        if _in_backward():
+            return self._saved_adapter_batch if self._adapter_batch is None else self._adapter_batch
+        self._saved_adapter_batch = self._adapter_batch
         return self._adapter_batch
 
     def adapter_names_in_layer(self) -> set[str]:

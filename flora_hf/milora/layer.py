@@ -110,25 +110,23 @@ class MiLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
         if batch is not None:
             names = tuple(self.milora_A.keys())
             routed = gates.get(None)
-            rows = None if routed is None else routed.rows(column)
-            if routed is None or (rows is not None and rows.numel() == 0):
+            if routed is None or routed.selects_no_row(column):
                 return self._in_graph_unused(y, names)
             bank_a, bank_b = self._bank(names, x)  # stacks every adapter's factors: all of them are in the graph
             indices = batch.indices(names, x.shape[0], x.device)
             x = self._dropout(x, names)
-            return add_gated_lora(y, x, bank_a, bank_b, indices, routed.column(column), rows)
+            return add_gated_lora(y, x, bank_a, bank_b, indices, routed.column(column), routed.rows(column))
         for name in self.active_adapters:
             routed = gates.get(name)
             if name not in self.milora_A:
                 continue
-            rows = None if routed is None else routed.rows(column)
-            if routed is None or (rows is not None and rows.numel() == 0):
+            if routed is None or routed.selects_no_row(column):
                 y = self._in_graph_unused(y, (name,))
                 continue
             # one adapter for every row: its own factors, two GEMMs, the scaling folded into the gate
             gate = routed.column(column) * self.scaling[name]
             a, b = self.milora_A[name], self.milora_B[name].t()
-            y = add_gated_lora(y, self._dropout(x, (name,)), a, b, None, gate, rows)
+            y = add_gated_lora(y, self._dropout(x, (name,)), a, b, None, gate, routed.rows(column))
         return y
 
     def _in_graph_unused(self, y: Tensor, names: tuple[str, ...]) -> Tensor:

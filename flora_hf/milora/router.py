@@ -9,15 +9,14 @@ its whole prompt every time).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
-from ..checkpointing import Snapshot, register_snapshotter
+from ..checkpointing import Snapshot, attribute_snapshot, register_snapshotter
 from ..ops.milora import RoutedGates, add_zero_use, gelu_rational_init, load_balance_loss, pool_prompt, route
 from ..per_example import PerExampleAdapterLayer, _in_backward
 
@@ -76,22 +75,7 @@ def _routing_context(module: nn.Module) -> Optional[Snapshot]:
         return None
     targets = [(r.slot, ("current",)) for r in routers]
     targets += [(rt, _REPLAYED_FIELDS) for rt in {id(r.runtime): r.runtime for r in routers}.values()]
-    saved = [(obj, {f: getattr(obj, f) for f in fields}) for obj, fields in targets]
-
-    @contextmanager
-    def restore() -> Iterator[None]:
-        previous = [(obj, {f: getattr(obj, f) for f in values}) for obj, values in saved]
-        for obj, values in saved:
-            for name, value in values.items():
-                setattr(obj, name, value)
-        try:
-            yield
-        finally:
-            for obj, values in previous:
-                for name, value in values.items():
-                    setattr(obj, name, value)
-
-    return restore
+    return attribute_snapshot(targets)
 
 
 def _select(gates: dict[str, GatesByAdapter], pick) -> None:

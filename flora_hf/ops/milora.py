@@ -237,6 +237,10 @@ class RoutedGates:
             self._rows[expert] = None if bool(on.all()) else on.nonzero(as_tuple=True)[0]
         return self._rows[expert]
 
+    def selects_no_row(self, expert: int) -> bool:
+        rows = self.rows(expert)
+        return rows is not None and rows.numel() == 0
+
     def index_select(self, index: Tensor) -> RoutedGates:
         return RoutedGates(self.gates.index_select(0, index.to(self.gates.device)))
 
