@@ -102,11 +102,21 @@ class Validator:
             )
         return inputs
 
-    def encode(self, inputs: str, add_special_tokens: bool = True) -> list[int]:
+    def _tokenize(self, inputs: str, **kwargs: Any) -> Any:
         try:
-            return list(self.tokenizer(inputs, add_special_tokens=add_special_tokens)["input_ids"])
+            return self.tokenizer(inputs, **kwargs)
         except Exception as err:  # tokenizers raise many types; TGI reports them all the same way
             raise ValidationError(f"tokenizer error {err}") from err
+
+    def encode(self, inputs: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tokenize(inputs, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def encode_with_offsets(
+        self, inputs: str, truncate: Optional[int] = None, add_special_tokens: bool = True
+    ) -> tuple[str, Any]:
+        """The (length-bounded) text and its encoding with character offsets, as ``/tokenize`` reports them."""
+        inputs = self.bound_before_tokenizing(inputs, truncate)
+        return inputs, self._tokenize(inputs, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
 
     # ----------------------------------------------------------------------------------------------- the rules
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Annotated, AsyncIterator, Iterator, Optional
+from typing import Annotated, Any, AsyncIterator, Callable, Iterator, Optional, TypeVar
 
 from fastapi import Depends, Request
 
@@ -22,6 +22,8 @@ from serving.schemas import GenerateParameters, Info
 from serving.settings import ServerSettings
 from serving.types import Engine, FloraServeError, GenerationRequest
 from serving.validation import Validator
+
+T = TypeVar("T")
 
 
 def _version() -> str:
@@ -88,13 +90,19 @@ class AppState:
         self.metrics.request_started()
         return timing
 
+    async def in_validation_pool(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``function(*args, **kwargs)`` in the validation pool, off the event loop."""
+        call = functools.partial(function, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.validation_pool, call)
+
     async def validate(
         self, inputs: str, params: GenerateParameters, *, add_special_tokens: bool = True
     ) -> GenerationRequest:
         """Validate and tokenize in the validation pool (TGI's validation workers): never on the event loop, so a
         long prompt cannot stall /health or other clients' streams."""
-        validate = functools.partial(self.validator.validate, inputs, params, add_special_tokens=add_special_tokens)
-        request = await asyncio.get_running_loop().run_in_executor(self.validation_pool, validate)
+        request = await self.in_validation_pool(
+            self.validator.validate, inputs, params, add_special_tokens=add_special_tokens
+        )
         self.metrics.request_validated(len(request.input_ids), request.stopping.max_new_tokens, request.adapter_id)
         return request
 

@@ -6,8 +6,6 @@ and ``GET /``), ``/metrics``.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import time
 from typing import Any, Optional
@@ -37,7 +35,7 @@ from serving.schemas import (
     Token,
     TokenizeResponse,
 )
-from serving.types import StepOutput, TokenInfo, ValidationError
+from serving.types import StepOutput, TokenInfo
 from serving.validation import fork
 
 logger = logging.getLogger(__name__)
@@ -158,12 +156,15 @@ async def generate_stream_route(req: GenerateRequest, state: State) -> Response:
     return await generate_stream(state, req)
 
 
-@router.post(
-    "/",
-    dependencies=_guarded,
-    response_model=list[GenerateResponse],
-    responses={**JSON_OR_EVENTS, **GENERATION_ERRORS},
-)
+_COMPAT = {
+    "dependencies": _guarded,
+    "response_model": list[GenerateResponse],
+    "responses": {**JSON_OR_EVENTS, **GENERATION_ERRORS},
+}
+
+
+@router.post("/", **_COMPAT)
+@router.post("/invocations", **_COMPAT)  # SageMaker's route, which TGI serves too: the same as POST /
 async def compat_route(req: CompatGenerateRequest, state: State) -> Response:
     """TGI's compat route: ``[GenerateResponse]``, or the token stream when ``stream`` is true."""
     default_full_text = state.settings.compat_return_full_text
@@ -180,12 +181,9 @@ async def tokens_with_offsets(
     tokenizer = state.engine.tokenizer
     if not getattr(tokenizer, "is_fast", False):
         raise ApiError("No fast tokenizer available", 404, "tokenizer")
-    inputs = state.validator.bound_before_tokenizing(text, truncate)
-    encode = functools.partial(tokenizer, inputs, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
-    try:
-        encoding = await asyncio.get_running_loop().run_in_executor(state.validation_pool, encode)
-    except Exception as err:  # as Validator.encode: any tokenizer failure on client text is the client's 422
-        raise ValidationError(f"tokenizer error {err}") from err
+    inputs, encoding = await state.in_validation_pool(
+        state.validator.encode_with_offsets, text, truncate, add_special_tokens
+    )
     return TokenizeResponse(
         [
             SimpleToken(id=i, text=inputs[start:stop], start=start, stop=stop)
@@ -200,17 +198,6 @@ async def tokens_with_offsets(
 async def tokenize_route(req: GenerateRequest, state: State) -> Response:
     tokens = await tokens_with_offsets(state, req.inputs, req.parameters.truncate)
     return JSONResponse(tokens.model_dump())
-
-
-@router.post(
-    "/invocations",
-    dependencies=_guarded,
-    response_model=list[GenerateResponse],
-    responses={**JSON_OR_EVENTS, **GENERATION_ERRORS},
-)
-async def invocations_route(req: CompatGenerateRequest, state: State) -> Response:
-    """SageMaker's route (TGI serves it too): the same as ``POST /``."""
-    return await compat_route(req, state)
 
 
 @router.get("/info", response_model=Info)
