@@ -13,8 +13,9 @@ LOCK ?= requirements/lock.txt
 LATEST_VENV ?= .venv-latest
 TEXT_GENERATION := text-generation==0.7.0
 
-# Debian tools the tests drive for real: speech synthesis, an MP3 encoder, interpreters for pass@k.
-APT_PACKAGES ?= espeak-ng lame perl libtest-deep-perl ruby lua5.4
+# Debian tools the tests drive for real: speech synthesis, an MP3 encoder, interpreters for pass@k, and bubblewrap
+# (the namespaces the evaluator runs generated programs in).
+APT_PACKAGES ?= espeak-ng lame perl libtest-deep-perl ruby lua5.4 bubblewrap
 
 .PHONY: setup system-deps demo test test-latest lock lint format bench-layer bench-serve bench-milora bench-soak docker clean
 
@@ -131,7 +132,9 @@ clean:
 #               (then ADAPTER_ID: the adapters' names there, default the languages; no local ADAPTER needed);
 #               N_SAMPLES (default 100), K (pass@k's k, e.g. 1,10), TEMPERATURE (default 0.1), COMPARE_BASE=1,
 #               LIMIT (first N problems or clips), SPLIT and NUM_BEAMS (eval-whisper), MAX_NEW_TOKENS,
-#               EVAL_BATCH_SIZE, SEED, REPORT (the JSON report's path)
+#               EVAL_BATCH_SIZE, SEED, REPORT (the JSON report's path); UNSAFE_NO_SANDBOX=1 runs generated
+#               programs without namespaces (only where the machine cannot make them, e.g. inside a container that
+#               is the sandbox; README "Evaluators")
 #   make reproduce-small: FLoRA vs LoRA vs IA3 at toy scale on the CPU (CODE_STEPS default 300, SPEECH_STEPS 400,
 #               OUTPUT_DIR default out/reproduce-small)
 # Full-scale recipes stop at once, saying why, without the hub for hub data/models, or on a machine without a GPU
@@ -170,6 +173,7 @@ eval-starcoder: setup
 	$(RUN_ENV) $(VENV)/bin/flora-eval --task code $(call EVAL_ARGS,perl,$(or $(RECIPE),starcoder)) \
 		$(if $(PROBLEMS),--problems $(PROBLEMS)) $(if $(N_SAMPLES),--n-samples $(N_SAMPLES)) \
 		$(if $(K),--k $(K)) $(if $(TEMPERATURE),--temperature $(TEMPERATURE)) $(if $(COMPARE_BASE),--compare-base) \
+		$(if $(UNSAFE_NO_SANDBOX),--unsafe-no-sandbox) \
 		$(if $(SERVER),--server $(SERVER) --adapter-id $(or $(ADAPTER_ID),$(call RUN_LANGS,perl)))
 
 eval-whisper: setup

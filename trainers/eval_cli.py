@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .base_models import LoadedBase, ModelUnavailable, hub_reachable, load_base, model_problem
+from .evaluation.confinement import SandboxUnavailable
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, split_languages
 
 DEFAULT_RECIPES = {"code": "starcoder", "speech": "whisper"}
@@ -232,6 +233,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare-base", action="store_true", help="also score the base model (no adapter)")
     p.add_argument("--out", help="JSON report path (default: <adapter run folder>/eval-<task>-<langs>.json)")
+    p.add_argument(
+        "--unsafe-no-sandbox",
+        action="store_true",
+        help="code: run generated programs without Linux namespaces (resource limits only), where the machine "
+        "cannot make them, e.g. inside a container that is itself the sandbox; see README 'Evaluators'",
+    )
     return p.parse_args(argv)
 
 
@@ -352,6 +359,7 @@ def run_code(args: argparse.Namespace, languages: list[str], adapters: dict[str,
         batch_size=args.batch_size,
         seed=args.seed,
         progress=True,
+        unsafe_no_sandbox=args.unsafe_no_sandbox,
     )
     if args.server:
         names = split_languages(args.adapter_id) if args.adapter_id else languages
@@ -424,7 +432,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report = run_code(args, languages, adapters, out)
         else:
             report = run_speech(args, languages, adapters, out)
-    except (RecipeError, ModelUnavailable, FileNotFoundError) as err:
+    except (RecipeError, ModelUnavailable, FileNotFoundError, SandboxUnavailable) as err:
         print(f"flora-eval: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:

@@ -36,7 +36,16 @@ from .passk import (
     truncate_at_stop_tokens,
     write_report,
 )
-from .sandbox import SandboxLimits, SandboxResult, missing_tools, run_program, toolchain_available
+from .sandbox import (
+    SandboxLimits,
+    SandboxResult,
+    SandboxUnavailable,
+    confinement_problem,
+    missing_tools,
+    require_confinement,
+    run_program,
+    toolchain_available,
+)
 from .wer import WERResult, WordCounts, corpus_wer, run_wer_eval, whisper_normalizer, word_counts
 
 _GENERATION = ("AdapterChoice", "adapter_names_for", "generate_completions", "generate_completions_via_server")
@@ -59,6 +68,8 @@ __all__ = [
     "Problem",
     "SandboxLimits",
     "SandboxResult",
+    "SandboxUnavailable",
+    "confinement_problem",
     "WERResult",
     "WordCounts",
     "adapter_names_for",
@@ -79,6 +90,7 @@ __all__ = [
     "read_problems_jsonl",
     "register_language",
     "run_passk_eval",
+    "require_confinement",
     "run_program",
     "run_wer_eval",
     "toolchain_available",

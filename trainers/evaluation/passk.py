@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .languages import canonical_language
-from .sandbox import DEFAULT_LIMITS, STATUSES, SandboxLimits, SandboxResult, missing_tools, run_program
+from .sandbox import (
+    DEFAULT_LIMITS,
+    STATUSES,
+    SandboxLimits,
+    SandboxResult,
+    missing_tools,
+    require_confinement,
+    run_program,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +248,7 @@ def evaluate_completions(
     drop_privileges: Optional[bool] = None,
     keep_outputs: bool = False,
     progress: bool = False,
+    unsafe_no_sandbox: bool = False,
 ) -> dict[str, Any]:
     """Run every completion's program in the sandbox and report pass@k per language and overall.
 
@@ -248,7 +257,11 @@ def evaluate_completions(
     reported ``"toolchain": "unavailable"`` with ``pass@k`` None, never as 0%; samples that could not be judged
     (unavailable, sandbox error) are left out of n. ``workers`` defaults to the CPU count. ``keep_outputs`` adds
     every run's (capped) stdout/stderr to the per-problem entries: large for 100 samples x 164 problems.
+    Raises :class:`~trainers.evaluation.sandbox.SandboxUnavailable` before running anything when programs cannot
+    be confined here, unless ``unsafe_no_sandbox``.
     """
+    if not unsafe_no_sandbox:
+        require_confinement(drop_privileges=drop_privileges)
     completions = _completions_by_problem(problems, completions_per_problem)
     languages = sorted({p.language for p in problems})
     missing = {lang: missing_tools(lang, drop_privileges=drop_privileges) for lang in languages}
@@ -268,7 +281,9 @@ def evaluate_completions(
                 results[i][j] = skipped
 
     def run(key: tuple[str, str]) -> SandboxResult:
-        return run_program(key[1], key[0], limits, drop_privileges=drop_privileges)
+        return run_program(
+            key[1], key[0], limits, drop_privileges=drop_privileges, unsafe_no_sandbox=unsafe_no_sandbox
+        )
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         outcomes = pool.map(run, to_run)
@@ -295,6 +310,7 @@ def evaluate_completions(
         "samples": sum(len(c) for c in completions),
         "programs_run": len(to_run),
         "limits": asdict(limits),
+        "sandbox": "none (--unsafe-no-sandbox)" if unsafe_no_sandbox else "namespaces",
         "unavailable_languages": [lang for lang, s in by_language.items() if s["toolchain"] == "unavailable"],
     }
     for k in ks:
@@ -351,6 +367,7 @@ def run_passk_eval(
     mix_adapters: bool = True,
     keep_outputs: bool = False,
     progress: bool = False,
+    unsafe_no_sandbox: bool = False,
 ) -> dict[str, Any]:
     """Generate, run and score in one call: what ``flora-eval`` needs for a pass@k table row.
 
@@ -367,6 +384,8 @@ def run_passk_eval(
     """
     from .generation import generate_completions, generate_completions_via_server
 
+    if not unsafe_no_sandbox:
+        require_confinement()  # before hours of generation, not after
     problem_list = load_problems(problems, limit=limit)
     if isinstance(model_or_url, str) and model_or_url.startswith(("http://", "https://")):
         source = model_or_url
@@ -404,7 +423,14 @@ def run_passk_eval(
             progress=progress,
         )
     report = evaluate_completions(
-        problem_list, completions, ks=ks, limits=limits, workers=workers, keep_outputs=keep_outputs, progress=progress
+        problem_list,
+        completions,
+        ks=ks,
+        limits=limits,
+        workers=workers,
+        keep_outputs=keep_outputs,
+        progress=progress,
+        unsafe_no_sandbox=unsafe_no_sandbox,
     )
     report["generation"] = {
         "source": source,

@@ -1,27 +1,28 @@
 """Run one untrusted, model-generated program and say whether it passed its tests.
 
-Generated code loops, forks, eats memory and fills disks. Each run gets:
+Generated code loops, forks, eats memory, fills disks, opens sockets and leaves daemons behind. Each run gets:
 
-- a fresh temporary directory as working directory and ``HOME``, and a scrubbed environment (a fixed ``PATH``);
-- its own session (process group), killed as a whole when the program exits or its wall-clock time runs out;
-- resource limits set in the child before ``exec``: memory (address space and data), number of processes, file
-  size, CPU time, open files, no core dumps;
+- Linux namespaces (:mod:`.confinement`): a private, size-bounded ``/tmp`` as its work directory and only writable
+  path, no network, and a pid namespace that ends with it, so nothing it starts outlives it;
+- a scrubbed environment (a fixed ``PATH``; ``HOME`` and ``TMPDIR`` its work directory);
+- resource limits set before ``exec``: memory (address space and data), number of processes, file size, CPU time,
+  open files, no core dumps; as root, its own unused uid, so the process limit is exact (:mod:`.processes`);
 - stdout and stderr read to the end, but only the first ``output_bytes`` of each kept.
 
-``RLIMIT_NPROC`` counts every task of the real uid, and the kernel does not enforce it for root. So when the evaluator
-runs as root, each run executes as its own unused uid (from a high range that no account uses, see
-``FLORA_SANDBOX_UID_BASE``): the process limit then holds exactly, and after the run every process of that uid is
-killed at once, including ones that left the process group with ``setsid``. As a normal user, the limit is the
-user's current task count plus the budget, and cleanup is by process group.
+Where namespaces cannot be made (no bubblewrap, user namespaces disabled, a container's seccomp profile), programs
+are refused (:class:`SandboxUnavailable`) unless the caller passes ``unsafe_no_sandbox=True``
+(``flora-eval --unsafe-no-sandbox``): then they run with the limits, uid and a temporary directory only, which
+does not stop them writing to world-writable paths, reaching the network, or (as a normal user) leaving a daemon.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import logging
 import math
 import os
-import pwd
 import resource
 import selectors
 import shutil
@@ -29,19 +30,39 @@ import signal
 import stat
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterator, Literal, NamedTuple, Optional, Union
+from typing import Literal, NamedTuple, Optional, Union
 
+from .confinement import (
+    INSTALL_HINT,
+    WORK_DIR,
+    SandboxUnavailable,
+    bwrap_argv,
+    driver_script,
+    find_bwrap,
+    namespace_init,
+    shell_status,
+)
 from .languages import COMPILED_BINARY, LanguageSpec, language_spec
+from .processes import UIDS, count_tasks_of_uid, end_namespace, kill_group, kill_uid, live_processes
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "SandboxLimits",
+    "SandboxResult",
+    "SandboxUnavailable",
+    "confinement_problem",
+    "live_processes",
+    "missing_tools",
+    "require_confinement",
+    "run_program",
+    "toolchain_available",
+]
 
 SANDBOX_PATH = os.environ.get("FLORA_SANDBOX_PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 """The only ``PATH`` a sandboxed program sees, and where toolchains are looked up (not the caller's venv);
 ``FLORA_SANDBOX_PATH`` replaces it, e.g. to add a toolchain installed elsewhere."""
-
-UID_BASE = int(os.environ.get("FLORA_SANDBOX_UID_BASE", "1900000000"))
-UID_RANGE = 1 << 16
 
 Status = Literal["passed", "failed", "timeout", "error", "unavailable"]
 STATUSES: tuple[str, ...] = ("passed", "failed", "timeout", "error", "unavailable")
@@ -61,6 +82,8 @@ class SandboxLimits:
     output_bytes: int = 16 << 10
     cpu_seconds: Optional[int] = None
     """Per process; default: the wall-clock timeout rounded up, plus one."""
+    disk_bytes: int = 256 << 20
+    """Everything the program writes, all files together (its private tmpfs; Go's build cache lives there too)."""
 
     def cpu_limit(self) -> int:
         return self.cpu_seconds if self.cpu_seconds is not None else math.ceil(self.timeout_s) + 1
@@ -68,11 +91,15 @@ class SandboxLimits:
 
 DEFAULT_LIMITS = SandboxLimits()
 
+MAX_STEPS = 3
+"""Commands per program in one sandbox: the driver is POSIX sh, whose redirections name fds 0-9 only."""
+
 
 @dataclass
 class SandboxResult:
-    """The outcome of one run. ``pid`` is the last command's process id, which was also its process group id;
-    ``uid`` the unprivileged uid it ran as (None when privileges were not dropped)."""
+    """The outcome of one run. ``pid`` is the process id (and process group id) of what the evaluator started: the
+    sandbox (bubblewrap) or, unconfined, the last command; ``uid`` the unprivileged uid it ran as (None when
+    privileges were not dropped); ``confinement`` ``"namespaces"`` or ``"none"`` (``unsafe_no_sandbox``)."""
 
     status: Status
     exit_code: Optional[int]
@@ -85,6 +112,7 @@ class SandboxResult:
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     detail: str = ""
+    confinement: str = "namespaces"
 
     @property
     def passed(self) -> bool:
@@ -136,119 +164,6 @@ def missing_tools(language: Union[str, LanguageSpec], *, drop_privileges: Option
 def toolchain_available(language: Union[str, LanguageSpec], *, drop_privileges: Optional[bool] = None) -> bool:
     """Whether programs in ``language`` can run here; missing test libraries are detected per run instead."""
     return not missing_tools(language, drop_privileges=drop_privileges)
-
-
-# ----------------------------------------------------------------------------------------------- /proc helpers
-class _Task(NamedTuple):
-    pid: int
-    uid: int
-    state: str
-    pgid: int
-
-
-def _tasks() -> Iterator[_Task]:
-    """Every process on the machine (zombies included), read from /proc."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            uid = entry.stat(follow_symlinks=False).st_uid
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # it exited while we looked
-        yield _Task(int(entry.name), uid, fields[0].decode(), int(fields[2]))
-
-
-def _count_tasks_of_uid(uid: int) -> int:
-    """Threads count against RLIMIT_NPROC too, so count /proc/PID/task entries."""
-    total = 0
-    for task in _tasks():
-        if task.uid == uid:
-            try:
-                total += len(os.listdir(f"/proc/{task.pid}/task"))
-            except OSError:
-                continue
-    return total
-
-
-def live_processes(*, uid: Optional[int] = None, pgid: Optional[int] = None) -> list[int]:
-    """Pids of live (not zombie) processes owned by ``uid`` or in process group ``pgid``."""
-    return [
-        t.pid
-        for t in _tasks()
-        if t.state != "Z" and ((uid is not None and t.uid == uid) or (pgid is not None and t.pgid == pgid))
-    ]
-
-
-def _kill_uid(uid: int) -> bool:
-    """Kill every process of ``uid``: ``kill -1`` run as that uid reaches them all in one atomic sweep."""
-    kill = shutil.which("kill", path=SANDBOX_PATH)
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        pids = live_processes(uid=uid)
-        if not pids:
-            return True
-        if kill is not None:
-            subprocess.run(
-                [kill, "-9", "-1"],
-                user=uid,
-                group=uid,
-                extra_groups=[],
-                env={},
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=5,
-                check=False,
-            )
-        else:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        time.sleep(0.005)
-    return False
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-class _UidAllocator:
-    """Hands out uids no account and no process uses, one per concurrent run."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._next = 0
-        self._leased: set[int] = set()
-
-    def acquire(self) -> int:
-        with self._lock:
-            busy = {t.uid for t in _tasks()}  # zombies too: they still count against RLIMIT_NPROC
-            for _ in range(UID_RANGE):
-                uid = UID_BASE + self._next
-                self._next = (self._next + 1) % UID_RANGE
-                if uid in self._leased or uid in busy or _is_account(uid):
-                    continue
-                self._leased.add(uid)
-                return uid
-        raise RuntimeError(f"no free sandbox uid in [{UID_BASE}, {UID_BASE + UID_RANGE})")
-
-    def release(self, uid: int) -> None:
-        with self._lock:
-            self._leased.discard(uid)
-
-
-def _is_account(uid: int) -> bool:
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        return False
-    return True
-
-
-_UIDS = _UidAllocator()
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -304,57 +219,178 @@ def _rlimits(limits: SandboxLimits, spec: LanguageSpec, max_tasks: int) -> list[
     return clamped
 
 
-def _limiter(rlimits: list[tuple[int, tuple[int, int]]]):
-    def apply() -> None:  # runs in the child between fork and exec
+def _limiter(rlimits: list[tuple[int, tuple[int, int]]], remap: tuple[tuple[int, int], ...] = ()):
+    """The code run in the child between fork and exec: setrlimit calls, then ``remap`` (source fd -> target fd)."""
+
+    def apply() -> None:
         for which, value in rlimits:
             resource.setrlimit(which, value)
+        # move every source out of the target range first, so no dup2 overwrites a source still to be moved
+        high = [fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, 64) for source, _ in remap]
+        for fd, (_, target) in zip(high, remap):
+            os.dup2(fd, target)  # inheritable: survives exec
 
     return apply
+
+
+class _Status:
+    """The driver's status pipe: one ``"step exit-code"`` line per finished step."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.codes: list[int] = []
+
+    def add(self, chunk: bytes) -> None:
+        self.pending += chunk
+        *lines, self.pending = self.pending.split(b"\n")
+        self.codes += [shell_status(int(line.split()[1])) for line in lines if line.strip()]
+
+
+def _watch(proc: subprocess.Popen, sinks: dict, timeout_s: float, status: Optional[_Status] = None) -> bool:
+    """Read every pipe in ``sinks`` (fd or file -> sink) until ``proc`` exits; True when ``timeout_s`` ran out
+    first. With ``status``, each finished step restarts the clock: every step gets ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    steps_seen = 0
+    with selectors.DefaultSelector() as selector:
+        for pipe, sink in sinks.items():
+            selector.register(pipe, selectors.EVENT_READ, sink)
+        while True:
+            if status is not None and len(status.codes) > steps_seen:
+                steps_seen = len(status.codes)
+                deadline = time.monotonic() + timeout_s
+            remaining = deadline - time.monotonic()
+            if proc.poll() is not None:
+                _drain(selector, max_s=0.2)
+                return False
+            if remaining <= 0:
+                return True
+            if not selector.get_map():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=remaining)  # every pipe closed: just wait for the exit
+                continue
+            for key, _ in selector.select(timeout=min(remaining, 0.1)):
+                _read_into(selector, key)
+
+
+def _spawn(
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    rlimits: list,
+    uid: Optional[int],
+    remap: tuple[tuple[int, int], ...] = (),
+    **popen,
+) -> subprocess.Popen:
+    """Start ``argv`` in a new session with the limits; ``remap`` puts pipes at fixed low fd numbers in the child.
+
+    With ``remap``, Popen's own fd closing is off (it would close the remapped fds, since they are created after
+    its list of fds to keep): Python opens every fd non-inheritable (PEP 446), so only the remapped ones and
+    stdin/stdout/stderr cross ``exec``.
+    """
+    return subprocess.Popen(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_limiter(rlimits, remap),
+        close_fds=not remap,
+        user=uid,
+        group=uid,
+        extra_groups=[] if uid is not None else None,
+        **popen,
+    )
 
 
 def _run_command(
     argv: list[str], *, cwd: str, env: dict[str, str], limits: SandboxLimits, rlimits: list, uid: Optional[int]
 ) -> _Raw:
-    proc = subprocess.Popen(
-        argv,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        preexec_fn=_limiter(rlimits),  # only setrlimit calls between fork and exec
-        user=uid,
-        group=uid,
-        extra_groups=[] if uid is not None else None,
-    )
+    """One command, unconfined (``unsafe_no_sandbox``): its process group is its kill domain."""
+    proc = _spawn(argv, env=env, rlimits=rlimits, uid=uid, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = _Capture(limits.output_bytes), _Capture(limits.output_bytes)
-    deadline = time.monotonic() + limits.timeout_s
-    timed_out = False
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ, out)
-        selector.register(proc.stderr, selectors.EVENT_READ, err)
-        while True:
-            remaining = deadline - time.monotonic()
-            if proc.poll() is not None:
-                _drain(selector, max_s=0.2)
-                break
-            if remaining <= 0:
-                timed_out = True
-                break
-            if not selector.get_map():
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=remaining)  # both pipes closed: just wait for the exit
-                continue
-            for key, _ in selector.select(timeout=min(remaining, 0.1)):
-                _read_into(selector, key)
-    _kill_group(proc.pid)  # leftovers (background children) die with the group; on timeout, the program too
+    timed_out = _watch(proc, {proc.stdout: out, proc.stderr: err}, limits.timeout_s)
+    kill_group(proc.pid)  # leftovers (background children) die with the group; on timeout, the program too
     if timed_out:
         proc.kill()  # in case it moved itself to another process group
     returncode = proc.wait()
     proc.stdout.close()
     proc.stderr.close()
     return _Raw(None if timed_out else returncode, timed_out, out, err, proc.pid)
+
+
+def _program_file(program: str) -> int:
+    """An anonymous in-memory file holding the source, for bubblewrap to copy into the sandbox's tmpfs."""
+    fd = os.memfd_create("flora-sandbox-program")
+    os.write(fd, program.encode("utf-8"))
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _run_confined(
+    bwrap: str,
+    spec: LanguageSpec,
+    program: str,
+    tools: dict[str, str],
+    *,
+    limits: SandboxLimits,
+    rlimits: list,
+    uid: Optional[int],
+) -> tuple[_Raw, bool]:
+    """All of ``spec``'s commands in one sandbox; returns the last step run and whether it was the program's last."""
+    file_name = spec.file_name()
+    steps = [_argv(command, tools, WORK_DIR, file_name) for command in spec.commands]
+    if len(steps) > MAX_STEPS:
+        raise ValueError(f"{spec.name}: at most {MAX_STEPS} commands run in one sandbox, not {len(steps)}")
+    pipes = [(os.pipe(), os.pipe()) for _ in steps]
+    status_read, status_write = os.pipe()
+    program_fd = _program_file(program)
+    # in the child: the source at fd 3, the status pipe at 4, step i's stdout and stderr at 5 + 2i and 6 + 2i
+    outputs = [(5 + 2 * i, 6 + 2 * i) for i in range(len(steps))]
+    sources = [program_fd, status_write] + [end[1] for pair in pipes for end in pair]
+    info_read, info_write = os.pipe()
+    sources.append(info_write)  # not named in the script: any number will do
+    remap = tuple(zip(sources, range(3, 3 + len(sources))))
+    script = driver_script(steps, outputs, 4)
+    argv = bwrap_argv(
+        bwrap, disk_bytes=limits.disk_bytes, program_fd=3, info_fd=2 + len(sources), file_name=file_name, script=script
+    )
+    try:
+        proc = _spawn(
+            argv,
+            env=_environment(spec, WORK_DIR),
+            rlimits=rlimits,
+            uid=uid,
+            remap=remap,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,  # bubblewrap's own errors
+        )
+    finally:
+        for fd in sources:
+            os.close(fd)
+    captures = [(_Capture(limits.output_bytes), _Capture(limits.output_bytes)) for _ in steps]
+    status, sandbox_errors, info = _Status(), _Capture(4096), _Capture(4096)
+    sinks: dict = {status_read: status, proc.stderr: sandbox_errors, info_read: info}
+    for ((out_read, _), (err_read, _)), (out, err) in zip(pipes, captures):
+        sinks.update({out_read: out, err_read: err})
+    try:
+        timed_out = _watch(proc, sinks, limits.timeout_s, status)
+        kill_group(proc.pid)
+        if timed_out:
+            proc.kill()  # bubblewrap's init dies with it (--die-with-parent), and every process of the namespace
+        returncode = proc.wait()
+        init = namespace_init(info.text())
+        if init is not None and not end_namespace(init):
+            raise RuntimeError(f"the sandbox's processes (namespace init {init}) did not end")
+    finally:
+        for fd in [status_read, info_read] + [end[0] for pair in pipes for end in pair]:
+            os.close(fd)
+        proc.stderr.close()
+    ran = len(status.codes)
+    if not timed_out and ran == 0:
+        raise RuntimeError(f"the sandbox did not start (bubblewrap exited {returncode}): {sandbox_errors.text()!r}")
+    index = min(ran if timed_out else ran - 1, len(steps) - 1)
+    code = None if timed_out else status.codes[-1]
+    raw = _Raw(code, timed_out, captures[index][0], captures[index][1], proc.pid)
+    return raw, index == len(steps) - 1
 
 
 def _read_into(selector: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
@@ -434,20 +470,59 @@ def _remove_tree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------------------------ confinement
+_PROBE = LanguageSpec(name="flora-sandbox-probe", extension=".txt", commands=(("true",),))
+
+
+@functools.cache
+def _probe(drop: bool, bwrap: Optional[str]) -> Optional[str]:
+    if bwrap is None:
+        return f"bubblewrap (bwrap) is not on {SANDBOX_PATH}"
+    tools = {"true": resolve_tool(_PROBE, "true", drop_privileges=drop) or "/bin/true"}
+    uid = UIDS.acquire() if drop else None
+    try:
+        raw, _ = _run_confined(
+            bwrap, _PROBE, "", tools, limits=DEFAULT_LIMITS, rlimits=_rlimits(DEFAULT_LIMITS, _PROBE, 64), uid=uid
+        )
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        return f"bubblewrap cannot create namespaces here: {exc}"
+    finally:
+        if uid is not None:
+            kill_uid(uid, SANDBOX_PATH)
+            UIDS.release(uid)
+    return None if raw.returncode == 0 else f"a confined test program exited with {raw.returncode}"
+
+
+def confinement_problem(*, drop_privileges: Optional[bool] = None) -> Optional[str]:
+    """None when programs can be confined in namespaces here; else why not (checked once per process)."""
+    return _probe(_dropping_privileges(drop_privileges), find_bwrap(SANDBOX_PATH))
+
+
+def require_confinement(*, drop_privileges: Optional[bool] = None) -> None:
+    """Raise :class:`SandboxUnavailable`, saying why and what to do, when programs cannot be confined here."""
+    problem = confinement_problem(drop_privileges=drop_privileges)
+    if problem is not None:
+        raise SandboxUnavailable(f"generated programs cannot be sandboxed here: {problem}. To fix: {INSTALL_HINT}")
+
+
 def run_program(
     program: str,
     language: Union[str, LanguageSpec],
     limits: SandboxLimits = DEFAULT_LIMITS,
     *,
     drop_privileges: Optional[bool] = None,
+    unsafe_no_sandbox: bool = False,
 ) -> SandboxResult:
     """Run ``program`` (complete source: prompt, completion and tests) and classify the outcome.
 
-    ``drop_privileges`` (default: when running as root) runs the program as a fresh unprivileged uid; see the
-    module docstring for why that is needed to contain fork bombs.
+    ``drop_privileges`` (default: when running as root) runs the program as a fresh unprivileged uid; see
+    :mod:`.processes`. Raises :class:`SandboxUnavailable` when namespaces cannot be made here, unless
+    ``unsafe_no_sandbox`` (then: limits, uid and a temporary directory only; see the module docstring).
     """
     spec = language_spec(language)
     drop = _dropping_privileges(drop_privileges)
+    if not unsafe_no_sandbox:
+        require_confinement(drop_privileges=drop)
     tools = {tool: resolve_tool(spec, tool, drop_privileges=drop) for tool in spec.required_tools()}
     absent = [tool for tool, path in tools.items() if path is None]
     if absent:
@@ -455,26 +530,16 @@ def run_program(
         return SandboxResult("unavailable", None, "", "", 0.0, detail=detail)
 
     start = time.monotonic()
-    uid = _UIDS.acquire() if drop else None
-    workdir = tempfile.mkdtemp(prefix="flora-sandbox-")
+    confinement = "none" if unsafe_no_sandbox else "namespaces"
+    uid = UIDS.acquire() if drop else None
     try:
-        file_name = spec.file_name()
-        with open(os.path.join(workdir, file_name), "w", encoding="utf-8") as f:
-            f.write(program)
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-            os.chown(os.path.join(workdir, file_name), uid, uid)
-            max_tasks = limits.max_processes
-        else:
-            max_tasks = _count_tasks_of_uid(os.getuid()) + limits.max_processes
+        max_tasks = limits.max_processes if uid is not None else count_tasks_of_uid(os.getuid()) + limits.max_processes
         rlimits = _rlimits(limits, spec, max_tasks)
-        env = _environment(spec, workdir)
-        for step, command in enumerate(spec.commands):
-            argv = _argv(command, tools, workdir, file_name)
-            raw = _run_command(argv, cwd=workdir, env=env, limits=limits, rlimits=rlimits, uid=uid)
-            last_step = step == len(spec.commands) - 1
-            if raw.timed_out or raw.returncode != 0:
-                break
+        if unsafe_no_sandbox:
+            raw, last_step = _run_unconfined(spec, program, tools, limits=limits, rlimits=rlimits, uid=uid)
+        else:
+            bwrap = find_bwrap(SANDBOX_PATH)
+            raw, last_step = _run_confined(bwrap, spec, program, tools, limits=limits, rlimits=rlimits, uid=uid)
         status, detail = _classify(spec, raw, last_step)
         return SandboxResult(
             status=status,
@@ -488,12 +553,43 @@ def run_program(
             stdout_truncated=raw.stdout.truncated,
             stderr_truncated=raw.stderr.truncated,
             detail=detail,
+            confinement=confinement,
         )
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-        return SandboxResult("error", None, "", "", time.monotonic() - start, detail=f"sandbox error: {exc!r}")
+        detail = f"sandbox error: {exc!r}"
+        return SandboxResult("error", None, "", "", time.monotonic() - start, detail=detail, confinement=confinement)
     finally:
         if uid is not None:
-            if not _kill_uid(uid):
+            if not kill_uid(uid, SANDBOX_PATH):
                 logger.warning("sandbox uid %d still has live processes after cleanup", uid)
-            _UIDS.release(uid)
+            UIDS.release(uid)
+
+
+def _run_unconfined(
+    spec: LanguageSpec,
+    program: str,
+    tools: dict[str, str],
+    *,
+    limits: SandboxLimits,
+    rlimits: list,
+    uid: Optional[int],
+) -> tuple[_Raw, bool]:
+    """Each command in turn in a host temporary directory, removed afterwards."""
+    workdir = tempfile.mkdtemp(prefix="flora-sandbox-")
+    try:
+        file_name = spec.file_name()
+        with open(os.path.join(workdir, file_name), "w", encoding="utf-8") as f:
+            f.write(program)
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+            os.chown(os.path.join(workdir, file_name), uid, uid)
+        env = _environment(spec, workdir)
+        for step, command in enumerate(spec.commands):
+            argv = _argv(command, tools, workdir, file_name)
+            raw = _run_command(argv, cwd=workdir, env=env, limits=limits, rlimits=rlimits, uid=uid)
+            last_step = step == len(spec.commands) - 1
+            if raw.timed_out or raw.returncode != 0:
+                break
+        return raw, last_step
+    finally:
         _remove_tree(workdir)

@@ -1,4 +1,8 @@
-"""The sandbox runs correct programs, fails wrong ones, and contains loops, fork bombs, memory eaters and floods."""
+"""The sandbox runs correct programs, fails wrong ones, and contains loops, fork bombs, memory eaters and floods.
+
+The containment tests run both ways: in namespaces (the default) and with ``unsafe_no_sandbox`` (limits only), since
+the limits must hold in either. What only namespaces give is tested in ``test_confinement.py``.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +19,17 @@ from trainers.evaluation import (
     run_program,
     toolchain_available,
 )
-from trainers.evaluation.sandbox import live_processes
+from trainers.evaluation.sandbox import confinement_problem, live_processes
 
 from .helpers import PL_PROBLEM, PL_RIGHT, PL_WRONG, PY_PROBLEM, PY_RIGHT, PY_WRONG
 
 AS_ROOT = os.geteuid() == 0
 FAST = SandboxLimits(timeout_s=10)
+NO_NAMESPACES = confinement_problem()
+MODES = [
+    pytest.param(False, id="namespaces", marks=pytest.mark.skipif(bool(NO_NAMESPACES), reason=str(NO_NAMESPACES))),
+    pytest.param(True, id="unconfined"),
+]
 
 
 def _gone(result) -> None:
@@ -50,36 +59,44 @@ def test_correct_completion_passes_and_wrong_one_fails(problem, right, wrong):
     assert bad.exit_code != 0
 
 
-def test_runs_unprivileged_in_a_private_directory_with_a_scrubbed_environment(monkeypatch):
+@pytest.mark.parametrize("unsafe", MODES)
+def test_runs_unprivileged_in_a_private_directory_with_a_scrubbed_environment(monkeypatch, unsafe):
     monkeypatch.setenv("FLORA_SECRET_TOKEN", "do-not-leak")
     program = "import os, sys\nprint(os.getcwd()); print(os.environ.get('FLORA_SECRET_TOKEN')); print(os.getuid())\n"
-    result = run_program(program, "python", FAST)
+    result = run_program(program, "python", FAST, unsafe_no_sandbox=unsafe)
     assert result.status == "passed", result
+    assert result.confinement == ("none" if unsafe else "namespaces")
     cwd, secret, uid = result.stdout.split()
-    assert os.path.basename(cwd).startswith("flora-sandbox-") and not os.path.exists(cwd)  # removed afterwards
+    if unsafe:  # a host temporary directory, removed afterwards
+        assert os.path.basename(cwd).startswith("flora-sandbox-") and not os.path.exists(cwd)
+    else:  # the sandbox's private tmpfs
+        assert cwd == "/tmp"
     assert secret == "None"
     if AS_ROOT:
         assert int(uid) == result.uid and int(uid) != 0
 
 
-def test_infinite_loop_times_out_and_its_whole_process_group_is_killed():
+@pytest.mark.parametrize("unsafe", MODES)
+def test_infinite_loop_times_out_and_its_whole_process_group_is_killed(unsafe):
     # the Perl program leaves a sleeping child behind in its process group, then spins forever
     program = "my $pid = fork();\nif ($pid == 0) { sleep 1000; exit 0; }\n1 while 1;\n"
     start = time.monotonic()
-    result = run_program(program, "perl", SandboxLimits(timeout_s=1))
+    result = run_program(program, "perl", SandboxLimits(timeout_s=1), unsafe_no_sandbox=unsafe)
     assert result.status == "timeout", result
     assert time.monotonic() - start < 6
     _gone(result)
 
 
-@pytest.mark.skipif(not AS_ROOT, reason="killing by uid needs the root path (processes that left the group)")
-def test_a_process_that_leaves_the_group_is_still_killed():
-    result = run_program("setsid sleep 1000 &\nsleep 0.2\nexit 0\n", "sh", SandboxLimits(timeout_s=5))
+@pytest.mark.skipif(not AS_ROOT, reason="unconfined, killing by uid needs the root path (processes that left the group)")
+def test_a_process_that_leaves_the_group_is_still_killed_by_uid_when_unconfined():
+    program = "setsid sleep 1000 &\nsleep 0.2\nexit 0\n"
+    result = run_program(program, "sh", SandboxLimits(timeout_s=5), unsafe_no_sandbox=True)
     assert result.status == "passed", result
     _gone(result)
 
 
-def test_fork_bomb_is_bounded_by_the_process_limit_and_killed():
+@pytest.mark.parametrize("unsafe", MODES)
+def test_fork_bomb_is_bounded_by_the_process_limit_and_killed(unsafe):
     # every process keeps forking; each successful fork writes one "+": the count is the number of processes made
     bomb = (
         "import os, time\n"
@@ -93,7 +110,7 @@ def test_fork_bomb_is_bounded_by_the_process_limit_and_killed():
         '        os.write(1, b"+")\n'
     )
     limit = 12
-    result = run_program(bomb, "python", SandboxLimits(timeout_s=2, max_processes=limit))
+    result = run_program(bomb, "python", SandboxLimits(timeout_s=2, max_processes=limit), unsafe_no_sandbox=unsafe)
     assert result.status == "timeout", result
     forks = result.stdout.count("+")
     assert forks >= 1
@@ -102,24 +119,26 @@ def test_fork_bomb_is_bounded_by_the_process_limit_and_killed():
     _gone(result)
 
 
-def test_memory_eater_fails_at_the_memory_limit():
-    result = run_program(
-        "x = bytearray(1 << 30)\nprint('survived')\n", "python", SandboxLimits(memory_bytes=256 << 20)
-    )
+@pytest.mark.parametrize("unsafe", MODES)
+def test_memory_eater_fails_at_the_memory_limit(unsafe):
+    program = "x = bytearray(1 << 30)\nprint('survived')\n"
+    result = run_program(program, "python", SandboxLimits(memory_bytes=256 << 20), unsafe_no_sandbox=unsafe)
     assert result.status == "failed", result
     assert "MemoryError" in result.stderr and "survived" not in result.stdout
 
 
-def test_file_size_limit():
+@pytest.mark.parametrize("unsafe", MODES)
+def test_file_size_limit(unsafe):
     program = "with open('big', 'wb') as f:\n    f.write(b'x' * (4 << 20))\n"
-    result = run_program(program, "python", SandboxLimits(file_size_bytes=1 << 20))
+    result = run_program(program, "python", SandboxLimits(file_size_bytes=1 << 20), unsafe_no_sandbox=unsafe)
     assert result.status == "failed", result
     assert "File too large" in result.stderr or result.signal == "SIGXFSZ"
 
 
-def test_output_is_capped_but_the_program_completes():
+@pytest.mark.parametrize("unsafe", MODES)
+def test_output_is_capped_but_the_program_completes(unsafe):
     program = "import sys\nsys.stdout.write('x' * 3_000_000)\nsys.stderr.write('e' * 3_000_000)\n"
-    result = run_program(program, "python", SandboxLimits(output_bytes=1000))
+    result = run_program(program, "python", SandboxLimits(output_bytes=1000), unsafe_no_sandbox=unsafe)
     assert result.status == "passed", result
     assert len(result.stdout) == 1000 and result.stdout_truncated
     assert len(result.stderr) == 1000 and result.stderr_truncated
