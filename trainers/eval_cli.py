@@ -331,8 +331,10 @@ def can_mix_adapters(adapters: dict[str, Path]) -> bool:
 
 
 def run_code(args: argparse.Namespace, languages: list[str], adapters: dict[str, Path], out: Path) -> dict[str, Any]:
-    from .evaluation import DEFAULT_N_SAMPLES, DEFAULT_TEMPERATURE, load_problems, run_passk_eval
+    from .evaluation import DEFAULT_N_SAMPLES, DEFAULT_TEMPERATURE, load_problems, require_confinement, run_passk_eval
 
+    if not args.unsafe_no_sandbox:
+        require_confinement()  # before loading a model or asking a server anything
     problems = load_problems(args.problems) if args.problems else []
     if not args.problems:
         offline = not hub_reachable()

@@ -139,7 +139,7 @@ def test_a_detached_daemon_does_not_outlive_the_run(drop_privileges):
         f'    $0 = "{name}";\n'
         "    while (1) { select(undef, undef, undef, 0.05); }\n"
         "}\n"
-        "waitpid($pid, 0);\nselect(undef, undef, undef, 0.3);\nprint \"parent done\\n\";\n"
+        'waitpid($pid, 0);\nselect(undef, undef, undef, 0.3);\nprint "parent done\\n";\n'
     )
     result = run_program(program, "perl", FAST, drop_privileges=drop_privileges)
     assert result.status == "passed" and "parent done" in result.stdout, result
@@ -192,3 +192,21 @@ def test_without_namespaces_programs_are_refused_unless_unsafe(monkeypatch, tmp_
         run_passk_eval("http://127.0.0.1:9", [PL_PROBLEM])
     result = run_program('print "hi";\n', "perl", FAST, drop_privileges=False, unsafe_no_sandbox=True)
     assert result.status == "passed" and result.confinement == "none"
+
+
+def test_flora_eval_refuses_at_once_and_says_how_to_proceed(monkeypatch, tmp_path, capsys):
+    from trainers import eval_cli
+
+    monkeypatch.setattr(sandbox_module, "SANDBOX_PATH", str(tmp_path))
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("")
+    code = eval_cli.main(
+        ["--task", "code", "--lang", "perl", "--server", "http://127.0.0.1:9", "--problems", str(problems)]
+    )
+    assert code == 2
+    error = capsys.readouterr().err
+    assert (
+        "cannot be sandboxed here" in error
+        and "--unsafe-no-sandbox" in error
+        and "apt-get install bubblewrap" in error
+    )

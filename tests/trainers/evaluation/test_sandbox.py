@@ -87,7 +87,9 @@ def test_infinite_loop_times_out_and_its_whole_process_group_is_killed(unsafe):
     _gone(result)
 
 
-@pytest.mark.skipif(not AS_ROOT, reason="unconfined, killing by uid needs the root path (processes that left the group)")
+@pytest.mark.skipif(
+    not AS_ROOT, reason="unconfined, killing by uid needs the root path (processes that left the group)"
+)
 def test_a_process_that_leaves_the_group_is_still_killed_by_uid_when_unconfined():
     program = "setsid sleep 1000 &\nsleep 0.2\nexit 0\n"
     result = run_program(program, "sh", SandboxLimits(timeout_s=5), unsafe_no_sandbox=True)
