@@ -17,8 +17,10 @@ the validation split with their own optimizer (:mod:`trainers.bilevel`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -31,6 +33,15 @@ import torch
 
 from .base_models import LoadedBase, ModelUnavailable, hub_reachable, load_base, model_problem
 from .bilevel import MiLoRATrainerMixin, validation_dataset
+from .checkpoints import (
+    OutputWriteError,
+    StagedCheckpointsMixin,
+    clear_staging,
+    describe_write_error,
+    is_complete,
+    latest_complete_checkpoint,
+    output_problem,
+)
 from .cpu_budget import cpu_run_problem
 from .launch import LaunchError, build_launch_command, check_launcher, launch_env, needs_launch, read_deepspeed_config
 from .recipe import Recipe, RecipeError, load_recipe
@@ -142,10 +153,10 @@ class AdapterTrainerMixin:
 def trainer_classes() -> tuple[type, type]:
     from transformers import Seq2SeqTrainer, Trainer
 
-    class AdapterTrainer(MiLoRATrainerMixin, AdapterTrainerMixin, Trainer):
+    class AdapterTrainer(StagedCheckpointsMixin, MiLoRATrainerMixin, AdapterTrainerMixin, Trainer):
         """HF Trainer for per-language adapters (code)."""
 
-    class AdapterSeq2SeqTrainer(MiLoRATrainerMixin, AdapterTrainerMixin, Seq2SeqTrainer):
+    class AdapterSeq2SeqTrainer(StagedCheckpointsMixin, MiLoRATrainerMixin, AdapterTrainerMixin, Seq2SeqTrainer):
         """HF Seq2SeqTrainer for per-language adapters (speech)."""
 
     return AdapterTrainer, AdapterSeq2SeqTrainer
@@ -227,19 +238,22 @@ def make_trainer(
 
 # ------------------------------------------------------------------------------------------------- outputs
 def resolve_resume(recipe: Recipe, output_dir: Path) -> Optional[str]:
-    """``--resume`` alone (``latest``): the newest checkpoint in the output folder; else the given checkpoint."""
+    """``--resume`` alone (``latest``): the newest complete checkpoint in the output folder; else the given one."""
     if not recipe.resume:
         return None
     if recipe.resume.lower() in ("latest", "last", "auto", "true", "1", "yes"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        found = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        found = latest_complete_checkpoint(output_dir)
         if found is None:
-            raise RecipeError(f"--resume: no checkpoint-* folder in {output_dir} to resume from")
-        return found
+            raise RecipeError(f"--resume: no complete checkpoint-* folder in {output_dir} to resume from")
+        return str(found)
     path = Path(recipe.resume).expanduser()
     if not path.is_dir():
         raise RecipeError(f"--resume: checkpoint folder {path} does not exist")
+    if not is_complete(path):
+        raise RecipeError(
+            f"--resume: {path} is an incomplete checkpoint (its save was interrupted); RESUME=latest "
+            "takes the newest complete one"
+        )
     return str(path)
 
 
@@ -321,6 +335,8 @@ def train(
 
     output_dir = recipe.resolved_output_dir()
     resume = resolve_resume(recipe, output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        clear_staging(output_dir)
     set_seed(recipe.seed)
     base = base or load_base(recipe, progress)
     recipe = fit_block_size(recipe, base.model.config)
@@ -337,18 +353,41 @@ def train(
     metrics: dict[str, float] = {"train_seconds": round(time.perf_counter() - start, 2)}
     if data.eval:
         metrics.update(trainer.evaluate())
+    adapter_dirs = {lang: output_dir / recipe.adapter_name(lang) for lang in recipe.languages}
+    history = list(trainer.state.log_history)
+    try:
+        plot = save_outputs(recipe, trainer, base, data, output_dir, adapter_dirs, metrics, resume)
+    except OSError as err:
+        raise OutputWriteError(
+            f"the trained adapters were not saved: {describe_write_error(err, output_dir)}"
+        ) from err
+    return TrainResult(output_dir, adapter_dirs, metrics, history, plot, peft_model, trainer, data.summary)
+
+
+def save_outputs(
+    recipe: Recipe,
+    trainer: Any,
+    base: LoadedBase,
+    data: RecipeData,
+    output_dir: Path,
+    adapter_dirs: dict[str, Path],
+    metrics: dict[str, float],
+    resume: Optional[str],
+) -> Optional[Path]:
+    """The adapters (one folder per language), loss plot, recipe and summary; returns the plot's path."""
     output_dir.mkdir(parents=True, exist_ok=True)
     # every process calls it: under ZeRO-3 it gathers the partitioned adapter weights; PEFT then writes one folder
     # per adapter, <output_dir>/<language>/
     trainer.save_model(str(output_dir))
-    adapter_dirs = {lang: output_dir / recipe.adapter_name(lang) for lang in recipe.languages}
     history = list(trainer.state.log_history)
     plot = None
     if trainer.args.should_save:
         plot = plot_losses(
             history, output_dir / "loss.png", f"{recipe.name} {','.join(recipe.languages)} {recipe.method}"
         )
-        (output_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        # what reruns this run from the start: a resume belongs to one invocation, not to the recipe
+        rerun = dataclasses.replace(recipe, resume=None)
+        (output_dir / "recipe.yaml").write_text(rerun.to_yaml(), encoding="utf-8")
         summary = {
             "recipe": recipe.to_dict(),
             "base_model": base.source,
@@ -359,7 +398,7 @@ def train(
             "log_history": history,
         }
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
-    return TrainResult(output_dir, adapter_dirs, metrics, history, plot, peft_model, trainer, data.summary)
+    return plot
 
 
 # --------------------------------------------------------------------------------------------------- checks
@@ -380,6 +419,9 @@ def preflight(recipe: Recipe, allow_cpu: bool = False, reachable: Optional[bool]
             reachable = hub_reachable()
         return reachable
 
+    problem = output_problem(recipe.resolved_output_dir())
+    if problem is not None:
+        problems.append(problem)
     problem = model_problem(recipe.model, online)
     if problem is not None:
         problems.append(problem)
@@ -535,6 +577,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (RecipeError, ModelUnavailable, LaunchError, FileNotFoundError) as err:
         print(f"flora-train: error: {err}", file=sys.stderr)
         return 2
+    except OutputWriteError as err:
+        print(f"flora-train: error: {err}", file=sys.stderr)
+        return 1
     except RuntimeError as err:
         from .data.hub import HubDataUnavailable
 
