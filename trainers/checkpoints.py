@@ -131,8 +131,11 @@ class StagedCheckpointsMixin:
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
             self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]  # every rank wrote its part
         except (OSError, RuntimeError) as err:
+            message = f"checkpoint {final} not saved: {describe_write_error(err, staged)}"
             shutil.rmtree(staged, ignore_errors=True)
-            raise OutputWriteError(f"checkpoint {final} not saved: {describe_write_error(err, staged)}") from err
+            with contextlib.suppress(OSError):
+                staging.rmdir()
+            raise OutputWriteError(message) from err
         finally:
             self._flora_staging = None
         args = self.args  # type: ignore[attr-defined]

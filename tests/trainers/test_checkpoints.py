@@ -122,9 +122,10 @@ def _can_mount() -> bool:
 needs_mounts = pytest.mark.skipif(not _can_mount(), reason="needs unshare and user + mount namespaces for a tmpfs")
 
 
-def _in_own_mounts(setup: str) -> list[str]:
-    """Run under ``unshare`` after ``setup`` (mount commands) in a private mount namespace."""
-    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", f'{setup} && exec "$@"', "sh"]
+def _in_own_mounts(setup: str, after: str = "true") -> list[str]:
+    """Run under ``unshare`` after ``setup`` (mount commands) in a private mount namespace, then ``after`` there."""
+    script = f'{setup} && {{ "$@"; rc=$?; {after}; exit $rc; }}'
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh"]
 
 
 @needs_mounts
@@ -149,13 +150,14 @@ def test_a_full_disk_mid_run_is_one_clear_line_and_leaves_no_partial_checkpoint(
     out.mkdir()
     overrides = code_overrides(code_assets(tmp_path_factory), out)
     # room for the start-up probe, not for a checkpoint (its optimizer state alone is larger)
-    result = _flora_train(
-        cli_args("tiny-code", overrides), wrap=_in_own_mounts(f"mount -t tmpfs -o size=48k tmpfs {out}")
-    )
+    mounts = _in_own_mounts(f"mount -t tmpfs -o size=48k tmpfs {out}", after=f"echo LEFT:; ls -A {out}")
+    result = _flora_train(cli_args("tiny-code", overrides), wrap=mounts)
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("flora-train: error: checkpoint") and "no space left" in last and str(out) in last, last
     assert "Traceback" not in result.stderr and "basic_ios" not in last
+    left = result.stdout.rsplit("LEFT:", 1)[1].split()
+    assert not [name for name in left if "checkpoint" in name], left  # nothing partial left behind
 
 
 def test_write_errors_name_the_path_and_say_no_space(tmp_path: Path) -> None:
