@@ -123,7 +123,8 @@ clean:
 #               Whisper 6e-3 / 2e-4 / 4e-3 for FLoRA / LoRA / IA3; MiLoRA 1e-4)
 #   OUTPUT_DIR  default out/<recipe>-<languages>[-<method>]; RESUME=latest (or a checkpoint folder) resumes
 #   RECIPE      another recipe for the same target, e.g. RECIPE=tiny-code (offline, CPU)
-#   SET         any other recipe key, space-separated KEY=VALUE pairs: SET="eval_steps=25 block_size=512"
+#   SET         any other recipe key or transformers TrainingArguments field, space-separated KEY=VALUE pairs:
+#               SET="eval_steps=25 block_size=512 report_to=tensorboard"; NO_PROGRESS=1: no progress bars
 #   ALLOW_CPU=1 without a CUDA GPU, train even a model estimated too large for this machine's memory (a model
 #               that fits trains on the CPU anyway, with a warning stating its cost)
 #   LAUNCHER    deepspeed | accelerate | torchrun (default deepspeed); NUM_GPUS processes (default: every GPU)
@@ -150,7 +151,7 @@ TRAIN_ARGS = $(if $(LANGS),--langs $(LANGS),--lang $(or $(CLI_LANG),$(1))) $(if 
 	$(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(OUTPUT_DIR),--output-dir $(OUTPUT_DIR)) \
 	$(if $(RANK),--rank $(RANK)) $(if $(LR),--lr $(LR)) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
 	$(if $(RESUME),--resume $(RESUME)) $(if $(ALLOW_CPU),--allow-cpu) $(foreach kv,$(SET),--set $(kv)) \
-	$(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(NUM_GPUS),--num-gpus $(NUM_GPUS))
+	$(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(NUM_GPUS),--num-gpus $(NUM_GPUS)) $(if $(NO_PROGRESS),--no-progress)
 # with SERVER, the adapters live on the server (ADAPTER_ID, default the language names): no local folder needed
 EVAL_ARGS = --lang $(call RUN_LANGS,$(1)) \
 	$(if $(or $(ADAPTER),$(if $(SERVER),,local)),--adapter $(or $(ADAPTER),out/$(2)-$(call RUN_NAME,$(1)))) \

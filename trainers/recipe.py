@@ -9,6 +9,7 @@ turns a method name into its PEFT config, on the same layers for every method, w
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -125,6 +126,9 @@ class Recipe:
     output_dir: Optional[str] = None
     deepspeed: Optional[str] = None
     resume: Optional[str] = None
+    # any other transformers TrainingArguments field, passed to the Trainer as given (report_to, push_to_hub,
+    # hub_model_id, torch_compile, ...); `--set report_to=tensorboard` lands here
+    trainer_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -321,13 +325,48 @@ def _coerce(key: str, value: Any) -> Any:
             return {str(k): float(v) for k, v in dict(value).items()}
         if key == "rank_overrides":
             return {str(k).lower(): int(v) for k, v in dict(value).items()}
-        if key == "milora":
+        if key in ("milora", "trainer_args"):
             return {str(k): v for k, v in dict(value).items()}
         if key in ("target_modules", "ia3_feedforward_modules"):
             return split_languages(value)
         return str(value)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"{key}: cannot use {value!r} ({err})") from err
+
+
+TRAINER_ARG_KEYS = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+}
+"""TrainingArguments names of what a recipe sets itself: an override by that name sets the recipe's key."""
+
+RUN_OWNED_ARGS = {
+    "remove_unused_columns": "the collator needs each row's adapter name",
+    "label_names": "a PeftModel's forward does not name its labels, so flora-train names them",
+    "use_cpu": "chosen from the machine (CUDA or not)",
+}
+"""TrainingArguments a run sets for itself and an override must not change (why, for the error)."""
+
+
+@functools.cache
+def training_argument_names() -> frozenset[str]:
+    """Every field of transformers' Seq2SeqTrainingArguments (TrainingArguments' plus the generation ones)."""
+    from transformers import Seq2SeqTrainingArguments
+
+    return frozenset(f.name for f in dataclasses.fields(Seq2SeqTrainingArguments) if f.init)
+
+
+def check_trainer_args(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` if every key is a TrainingArguments field a recipe may pass through; else a RecipeError."""
+    for key in values:
+        if key in RUN_OWNED_ARGS:
+            raise RecipeError(f"trainer_args: {key} cannot be changed ({RUN_OWNED_ARGS[key]})")
+        if key in TRAINER_ARG_KEYS or key in _FIELDS:
+            raise RecipeError(f"trainer_args: {key} is a recipe setting; set {TRAINER_ARG_KEYS.get(key, key)} instead")
+        if key not in training_argument_names():
+            raise RecipeError(f"trainer_args: {key!r} is not a transformers TrainingArguments field")
+    return dict(values)
 
 
 def recipe_from_dict(values: Mapping[str, Any]) -> Recipe:
@@ -338,8 +377,10 @@ def recipe_from_dict(values: Mapping[str, Any]) -> Recipe:
     kwargs = {}
     for key, value in values.items():
         coerced = _coerce(key, value)
-        if coerced is None and key in ("languages", "learning_rates", "rank_overrides", "milora"):
+        if coerced is None and key in ("languages", "learning_rates", "rank_overrides", "milora", "trainer_args"):
             continue
+        if key == "trainer_args":
+            coerced = check_trainer_args(coerced)
         kwargs[key] = coerced
     return Recipe(**kwargs)
 
@@ -350,9 +391,16 @@ def _merged(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str
     override updates the recipe's mapping key by key."""
     merged = dict(values)
     for raw_key, raw_value in overrides.items():
-        key = OVERRIDE_KEYS.get(raw_key, raw_key)
+        key = OVERRIDE_KEYS.get(raw_key, TRAINER_ARG_KEYS.get(raw_key, raw_key))
         if key not in _FIELDS:
-            raise RecipeError(f"unknown override {raw_key!r}; use one of {sorted(OVERRIDE_KEYS)} or a recipe key")
+            if raw_key in training_argument_names():
+                trainer_args = {**dict(merged.get("trainer_args") or {}), raw_key: raw_value}
+                merged["trainer_args"] = check_trainer_args(trainer_args)
+                continue
+            raise RecipeError(
+                f"unknown override {raw_key!r}; use one of {sorted(OVERRIDE_KEYS)}, a recipe key, or a "
+                "transformers TrainingArguments field"
+            )
         value = _coerce(key, raw_value)
         if value is None or value == []:
             continue

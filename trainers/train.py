@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -208,6 +208,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_eval: bool, progres
         use_cpu=not torch.cuda.is_available(),
         **precision_flags(recipe),
     )
+    kwargs.update(recipe.trainer_args)  # the user's Trainer arguments win (report_to, push_to_hub, ...)
     if recipe.task == "speech":
         return Seq2SeqTrainingArguments(
             **kwargs, predict_with_generate=False, generation_max_length=recipe.generation_max_length
@@ -408,6 +409,28 @@ def _is_hub_id(source: Optional[str]) -> bool:
     )
 
 
+def trainer_args_problems(recipe: Recipe, online: Callable[[], bool]) -> list[str]:
+    """What the Trainer would reject only after the model loaded: invalid TrainingArguments, a reporter whose
+    package is not installed, pushing to an unreachable hub."""
+    if not recipe.trainer_args:
+        return []
+    try:
+        args = training_arguments(recipe, recipe.resolved_output_dir(), has_eval=True, progress=False)
+    except (ValueError, TypeError) as err:
+        return [f"trainer_args: {err}"]
+    from transformers.integrations import get_available_reporting_integrations
+
+    problems = []
+    available = set(get_available_reporting_integrations())
+    for reporter in args.report_to or []:
+        if reporter not in ("none", "all") and reporter not in available:
+            extra = " (pip install 'flora-hf[tensorboard]')" if reporter == "tensorboard" else ""
+            problems.append(f"report_to={reporter}: its package is not installed here{extra}")
+    if args.push_to_hub and not online():
+        problems.append("push_to_hub: the Hugging Face hub is unreachable from here")
+    return problems
+
+
 def preflight(recipe: Recipe, allow_cpu: bool = False, reachable: Optional[bool] = None) -> list[str]:
     """Everything that would make the run fail later, found now: no GPU for a full-scale recipe, a model or data
     set neither local nor downloadable, a broken DeepSpeed config. Empty when the run can start."""
@@ -448,6 +471,7 @@ def preflight(recipe: Recipe, allow_cpu: bool = False, reachable: Optional[bool]
                 )
         elif not Path(source).expanduser().exists():
             problems.append(f"{lang} data folder {source} does not exist")
+    problems += trainer_args_problems(recipe, online)
     if recipe.deepspeed:
         try:
             ds_config = read_deepspeed_config(recipe.deepspeed)
