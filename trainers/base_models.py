@@ -79,16 +79,20 @@ def model_problem(model: str, reachable: Optional[Callable[[], bool]] = None) ->
         return "no model given: pass MODEL=hub-id or MODEL=path/to/folder"
     if model in TINY_MODELS or Path(model).expanduser().is_dir():
         return None
+    folder = Path(model).expanduser().absolute()
+    # "org/name" is a hub id unless its first part is a local folder ("models/tiny-code" with models/ here)
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
+    looks_like_path = looks_like_path or ("/" in model and folder.parent.is_dir())
     if looks_like_path:
-        return f"model folder {model} does not exist"
+        return f"model folder {model} does not exist (no folder {folder})"
     if is_cached(model):
         return None
     if (reachable or hub_reachable)():
         return None
     why = "the hub is switched off (HF_HUB_OFFLINE is set)" if hub_offline() else "the Hugging Face hub is unreachable"
     return (
-        f"cannot load model {model!r}: it is not in the local cache and {why}. Pass a local copy instead: "
+        f"cannot load model {model!r}: there is no folder {folder}, and as a hub id it is not in the local cache "
+        f"and {why}. Pass a local copy instead: "
         f"MODEL=path/to/folder (flora-train --model path/to/folder), a folder written by save_pretrained or by "
         f"`hf download {model} --local-dir path/to/folder` on a machine with network"
     )

@@ -63,8 +63,16 @@ def staged_folder(folder: Path) -> Iterator[Path]:
 
 def save_build(folder: Path, parts: Iterable[Any], info: dict[str, Any]) -> None:
     """Save each of ``parts`` (model, tokenizer, feature extractor: anything with ``save_pretrained``) and the build
-    record ``info`` into ``folder``, staged."""
+    record ``info`` into ``folder``, staged. The parts then name ``folder`` as where they come from, exactly as
+    when a later run loads them from it (PEFT records it as the adapter's ``base_model_name_or_path``)."""
+    parts = list(parts)
     with staged_folder(folder) as staging:
         for part in parts:
             part.save_pretrained(staging)
         (staging / INFO_FILE).write_text(json.dumps(info, indent=1))
+    for part in parts:
+        if hasattr(part, "name_or_path"):
+            part.name_or_path = str(folder)
+        config = getattr(part, "config", None)
+        if config is not None and hasattr(config, "name_or_path"):
+            config.name_or_path = str(folder)

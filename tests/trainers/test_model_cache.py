@@ -55,3 +55,20 @@ def test_schedule_and_epochs() -> None:
     assert [factor(0), factor(1), factor(2)] == [0.5, 1.0, 1.0] and factor(10) == pytest.approx(0.1)
     batches = epochs([1, 2, 3])
     assert [next(batches) for _ in range(7)] == [1, 2, 3, 1, 2, 3, 1]
+
+
+def test_a_model_just_built_names_its_folder_as_one_loaded_from_it_does(tmp_path: Path) -> None:
+    # the first run of a tiny recipe builds the model in-process; PEFT must still record where it lives
+    from peft import get_peft_model
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    from flora_hf import FLoRAConfig
+
+    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(vocab_size=32, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+    assert not model.name_or_path
+    folder = tmp_path / "tiny"
+    save_build(folder, [model], {"v": 1})
+    built = get_peft_model(model, FLoRAConfig(r=1, target_modules=["c_attn"])).peft_config["default"]
+    loaded = GPTBigCodeForCausalLM.from_pretrained(folder)
+    again = get_peft_model(loaded, FLoRAConfig(r=1, target_modules=["c_attn"])).peft_config["default"]
+    assert built.base_model_name_or_path == again.base_model_name_or_path == str(folder)

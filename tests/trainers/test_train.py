@@ -218,3 +218,18 @@ def test_print_recipe(capsys) -> None:
     assert main(["--recipe", "starcoder", "--langs", "perl,lua", "--print-recipe"]) == 0
     out = capsys.readouterr().out
     assert "languages:\n- perl\n- lua" in out and "learning_rates" in out
+
+
+def test_a_missing_relative_model_folder_is_named_as_a_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    from trainers.base_models import model_problem
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    assert model_problem("models/tiny-code", lambda: True) == (
+        f"model folder models/tiny-code does not exist (no folder {tmp_path / 'models' / 'tiny-code'})"
+    )
+    # no models/ here either: offline, the message says there is no such folder before treating it as a hub id
+    problem = model_problem("weights/tiny-code", lambda: False)
+    assert problem.startswith(f"cannot load model 'weights/tiny-code': there is no folder {tmp_path / 'weights'}")
+    assert main(["--recipe", "tiny-code", "--model", "models/tiny-code", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "model folder models/tiny-code does not exist" in capsys.readouterr().err
