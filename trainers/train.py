@@ -44,6 +44,7 @@ from .checkpoints import (
 )
 from .cpu_budget import cpu_run_problem
 from .launch import LaunchError, build_launch_command, check_launcher, launch_env, needs_launch, read_deepspeed_config
+from .model_card import write_cards
 from .recipe import Recipe, RecipeError, load_recipe
 from .recipe_data import RecipeData, build_data, fit_block_size
 
@@ -385,6 +386,15 @@ def save_outputs(
     if trainer.args.should_save:
         plot = plot_losses(
             history, output_dir / "loss.png", f"{recipe.name} {','.join(recipe.languages)} {recipe.method}"
+        )
+        write_cards(
+            recipe,
+            output_dir,
+            adapter_dirs,
+            base_model=base.source,
+            steps=trainer.state.global_step,
+            metrics=metrics,
+            data_lines=data.summary,
         )
         # what reruns this run from the start: a resume belongs to one invocation, not to the recipe
         rerun = dataclasses.replace(recipe, resume=None)

@@ -233,3 +233,16 @@ def test_a_missing_relative_model_folder_is_named_as_a_folder(tmp_path: Path, mo
     assert problem.startswith(f"cannot load model 'weights/tiny-code': there is no folder {tmp_path / 'weights'}")
     assert main(["--recipe", "tiny-code", "--model", "models/tiny-code", "--output-dir", str(tmp_path / "o")]) == 2
     assert "model folder models/tiny-code does not exist" in capsys.readouterr().err
+
+
+def test_each_adapter_folder_has_a_filled_model_card(code_run: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(code_run / "alpha" / "README.md")
+    assert card.data.library_name == "peft" and "flora" in card.data.tags
+    text = card.content
+    assert "[More Information Needed]" not in text
+    for fact in ("FLoRA adapter `alpha`", "| rank | 1 |", "| optimizer steps | 6 |", "| eval_loss |", "12 documents"):
+        assert fact in text, fact
+    run_card = (code_run / "README.md").read_text()
+    assert "[More Information Needed]" not in run_card and "alpha/README.md" in run_card
