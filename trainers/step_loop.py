@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import torch
@@ -14,13 +15,20 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 class StepProgress:
-    """A tqdm bar on a terminal; in logs (CI, redirected output) one line per tenth of the run instead of a bar."""
+    """A tqdm bar (with its ETA) on a terminal; in logs (CI, redirected output) one line per tenth of the run
+    instead, each with the time spent and an estimate of the time left."""
 
     def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
         self.total, self.desc, self.step = total, desc, 0
         self.tty = enabled and sys.stderr.isatty()
         self.enabled = enabled
+        self.start = time.monotonic()
         self.bar = tqdm(total=total, desc=desc, leave=False) if self.tty else None
 
     def update(self, loss: float) -> None:
@@ -29,7 +37,11 @@ class StepProgress:
             self.bar.update()
             self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         elif self.enabled and (self.step % max(1, self.total // 10) == 0 or self.step == self.total):
-            print(f"{self.desc}: step {self.step}/{self.total} loss {loss:.3f}", file=sys.stderr, flush=True)
+            spent = time.monotonic() - self.start
+            left = spent / self.step * (self.total - self.step)
+            timing = f"{_duration(spent)} spent" + (f", about {_duration(left)} left" if left > 0 else "")
+            line = f"{self.desc}: step {self.step}/{self.total} loss {loss:.3f} ({timing})"
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -8,6 +8,7 @@ never evaluated on text it was trained on, and a second call loads in seconds.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,11 @@ from .step_loop import run_steps
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 CACHE_NAME = "tiny-code-model"
+
+
+FIRST_BUILD_COST = "about 4 minutes on 2 CPU cores, longer on slower ones"
+"""What the one-time build costs (measured: 211 s on this project's 2-core CI machine; build_info.json records
+each build's own time)."""
 
 
 @dataclass(frozen=True)
@@ -226,4 +232,11 @@ def load_or_build_tiny_code_model(
         model.eval()
         info.from_cache = True
         return model, tokenizer, info
+    if progress:
+        print(
+            f"building the tiny code model once, into {cache_dir}: a tokenizer, then {spec.pretrain_steps} "
+            f"pretraining steps ({FIRST_BUILD_COST}); later runs load it in seconds",
+            file=sys.stderr,
+            flush=True,
+        )
     return build_tiny_code_model(corpus, spec, cache_dir, progress)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -243,6 +244,13 @@ def load_or_build_tiny_whisper(
         features = WhisperFeatureExtractor.from_pretrained(folder)
         model.eval()
         return TinyWhisperBuild(model, tokenizer, features, folder, cached, True)
+    if progress:
+        print(
+            f"building the tiny Whisper once, into {folder}: synthetic speech, then {spec.pretrain_steps} pretraining "
+            "steps (minutes on a CPU); later runs load it in seconds",
+            file=sys.stderr,
+            flush=True,
+        )
     start = time.perf_counter()
     set_seed(spec.seed)
     random.seed(spec.seed)
@@ -255,7 +263,5 @@ def load_or_build_tiny_whisper(
         "pretrain_loss": [round(x, 4) for x in losses],
         "build_seconds": round(time.perf_counter() - start, 2),
     }
-    save_build(folder, [model, tokenizer, features], info)
-    model.name_or_path = str(folder)
-    model.config._name_or_path = str(folder)
+    save_build(folder, [model, tokenizer, features], info)  # the parts now name the folder as their source
     return TinyWhisperBuild(model, tokenizer, features, folder, info, False)

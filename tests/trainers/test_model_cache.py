@@ -72,3 +72,14 @@ def test_a_model_just_built_names_its_folder_as_one_loaded_from_it_does(tmp_path
     loaded = GPTBigCodeForCausalLM.from_pretrained(folder)
     again = get_peft_model(loaded, FLoRAConfig(r=1, target_modules=["c_attn"])).peft_config["default"]
     assert built.base_model_name_or_path == again.base_model_name_or_path == str(folder)
+
+
+def test_progress_in_logs_says_how_long_is_left(capsys) -> None:
+    from trainers.step_loop import StepProgress
+
+    bar = StepProgress(20, "pretrain", enabled=True)  # stderr is not a terminal here: log lines
+    for _ in range(20):
+        bar.update(1.0)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10 and "step 2/20" in lines[0] and "spent, about" in lines[0] and "left" in lines[0]
+    assert lines[-1].startswith("pretrain: step 20/20") and "left" not in lines[-1]
