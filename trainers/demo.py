@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import flora_hf
 from flora_hf import BASE_ADAPTER_NAME, FLoRAConfig
 
 from .code_corpus import DEFAULT_LANGUAGE_ORDER, LanguageCorpus, find_code_corpus
+from .library_noise import quiet_library_noise
 from .model_cache import REPO_ROOT
 from .step_loop import run_steps
 from .tiny_code_model import TinyCodeModelSpec, language_blocks, load_or_build_tiny_code_model, mixed_batch
@@ -229,8 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     console = Console()
     hf_logging.disable_progress_bar()
-    # PEFT calls a transformers method that transformers 5 deprecates; nothing the user can act on
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    quiet_library_noise(uses_deepspeed=False)
     set_seed(args.seed)
     times: dict[str, float] = {}
     total_start = time.perf_counter()

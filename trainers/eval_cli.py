@@ -23,6 +23,7 @@ import torch
 
 from .base_models import LoadedBase, ModelUnavailable, hub_reachable, load_base, model_problem
 from .evaluation.confinement import SandboxUnavailable
+from .library_noise import quiet_library_noise
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, split_languages
 
 DEFAULT_RECIPES = {"code": "starcoder", "speech": "whisper"}
@@ -204,6 +205,7 @@ def evaluate_speech(
         **result.to_dict(),
         "cer": character_error_rate(refs, hyps),
         "clips": str(dataset.stats),
+        "clips_skipped": dataset.stats.total_skipped,
         "seconds": round(time.perf_counter() - start, 2),
         "utterances_detail": [{"reference": r, "hypothesis": h} for r, h in zip(refs, hyps)],
     }
@@ -417,6 +419,9 @@ def summary_lines(task: str, report: dict[str, Any]) -> list[str]:
                     f"{lang} {which}: WER {100 * res['wer']:.2f} (normalized {100 * res['normalized_wer']:.2f}), "
                     f"CER {100 * res['cer']:.2f}, {res['utterances']} utterances"
                 )
+            first = next(iter(entry.values()), {})
+            if first.get("clips_skipped"):  # the same clips for every model: said once, never only in the JSON
+                lines.append(f"{lang} clips: {first['clips']}")
         return lines
     for lang, res in report.get("languages", {}).items():
         shown = {k: v for k, v in res.items() if k.startswith("pass@")}
@@ -427,6 +432,7 @@ def summary_lines(task: str, report: dict[str, Any]) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     languages = split_languages(args.lang)
+    quiet_library_noise(uses_deepspeed=False)
     try:
         adapters = resolve_adapters(args.adapter, languages)
         out = default_out(args, adapters, languages)

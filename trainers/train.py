@@ -45,6 +45,7 @@ from .checkpoints import (
 )
 from .cpu_budget import cpu_run_problem
 from .launch import LaunchError, build_launch_command, check_launcher, launch_env, needs_launch, read_deepspeed_config
+from .library_noise import quiet_library_noise
 from .model_card import write_cards
 from .recipe import Recipe, RecipeError, load_recipe
 from .recipe_data import RecipeData, build_data, fit_block_size
@@ -173,6 +174,20 @@ def precision_flags(recipe: Recipe) -> dict[str, bool]:
     return {"fp16": True}
 
 
+def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """Activation checkpointing under the name this transformers uses: ``activation_checkpointing`` since 5.2x,
+    ``gradient_checkpointing`` (deprecated, removed in v6) before. Non-reentrant: the adapters' per-example
+    routing is replayed correctly only by the non-reentrant implementation (:mod:`flora_hf.checkpointing`)."""
+    from transformers import TrainingArguments
+
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+        else ("gradient_checkpointing")
+    )
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def training_arguments(recipe: Recipe, output_dir: Path, has_eval: bool, progress: bool = True) -> Any:
     """HF TrainingArguments from the recipe. ``remove_unused_columns=False`` keeps each row's adapter name for the
     collator; ``label_names`` is explicit because a PeftModel's forward does not name its labels."""
@@ -201,8 +216,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_eval: bool, progres
         label_names=["labels"],
         seed=recipe.seed,
         data_seed=recipe.seed,
-        gradient_checkpointing=recipe.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
+        **checkpointing_arguments(recipe.gradient_checkpointing),
         deepspeed=recipe.deepspeed,
         dataloader_num_workers=recipe.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -603,6 +617,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"flora-train: launching {shlex.join(command)}", file=sys.stderr)
             return subprocess.call(command, env=launch_env())
         _refuse_problems(recipe, args.allow_cpu)
+        quiet_library_noise(uses_deepspeed=bool(recipe.deepspeed))
+        if args.no_progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # transformers' own bars (loading weights) too
         try:
             result = train(recipe, progress=not args.no_progress)
         except BaseException:

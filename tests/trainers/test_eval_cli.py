@@ -142,3 +142,18 @@ def test_adapters_mix_in_a_batch_only_where_peft_can(tmp_path: Path) -> None:
     assert eval_cli.can_mix_adapters({}) and eval_cli.can_mix_adapters({"perl": flora, "lua": flora2})
     assert eval_cli.can_mix_adapters({"perl": lora})
     assert not eval_cli.can_mix_adapters({"perl": ia3}) and not eval_cli.can_mix_adapters({"perl": flora, "lua": lora})
+
+
+def test_the_console_summary_says_how_many_clips_were_skipped() -> None:
+    from trainers.eval_cli import summary_lines
+
+    result = {"wer": 0.5, "normalized_wer": 0.4, "cer": 0.2, "utterances": 1}
+    clips = "mr test: 1 clips used, 4 skipped: 4 unreadable (e.g. a.mp3)"
+    report = {"languages": {"mr": {"adapter": {**result, "clips": clips, "clips_skipped": 4},
+                                   "base": {**result, "clips": clips, "clips_skipped": 4}}}}  # fmt: skip
+    lines = summary_lines("speech", report)
+    assert lines[-1] == f"mr clips: {clips}" and len(lines) == 3
+    clean = {
+        "languages": {"mr": {"adapter": {**result, "clips": "mr test: 1 clips used, 0 skipped", "clips_skipped": 0}}}
+    }
+    assert len(summary_lines("speech", clean)) == 1

@@ -10,11 +10,18 @@ lighter than pulling scipy in for ``resample_poly``.
 from __future__ import annotations
 
 import io
+import logging
+import os
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 TARGET_SAMPLING_RATE = 16_000
 """Whisper's input rate."""
@@ -83,15 +90,57 @@ def _handle(source: AudioSource) -> tuple[object, str]:
     return str(path), str(path)
 
 
+class NativeStderr:
+    """What C code wrote to file descriptor 2 inside a ``with`` block, kept instead of shown.
+
+    libsndfile's MP3 decoder (libmpg123) reports damaged frames by writing straight to fd 2 ("[layer3.c:...] error:
+    dequantization failed!"), which Python's ``sys.stderr`` redirection cannot catch: one such line per bad frame
+    buried every evaluation's output. The text is kept here for the clip's own message and for debug logging.
+    Captures are serialized (fd 2 is the process's); when fd 2 cannot be duplicated, nothing is captured.
+    """
+
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def __enter__(self) -> NativeStderr:
+        self._lock.acquire()
+        try:
+            sys.stderr.flush()
+            self._sink = tempfile.TemporaryFile()
+            self._saved = os.dup(2)
+            os.dup2(self._sink.fileno(), 2)
+        except (OSError, ValueError):
+            self._saved = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._saved is not None:
+                os.dup2(self._saved, 2)
+                os.close(self._saved)
+                self._sink.seek(0)
+                self.text = self._sink.read().decode("utf-8", errors="replace").strip()
+                self._sink.close()
+        finally:
+            self._lock.release()
+
+
 def read_audio(source: AudioSource) -> tuple[np.ndarray, int]:
     """Decoded samples as float32 ``(frames, channels)`` and the file's rate. Raises :class:`ClipError`."""
     import soundfile as sf
 
     handle, name = _handle(source)
+    decoder = NativeStderr()
     try:
-        data, rate = sf.read(handle, dtype="float32", always_2d=True)
+        with decoder:
+            data, rate = sf.read(handle, dtype="float32", always_2d=True)
     except (RuntimeError, OSError, ValueError, EOFError, TypeError) as err:  # LibsndfileError is a RuntimeError
-        raise ClipError("unreadable", f"{name}: {err}") from err
+        said = f" (decoder: {decoder.text.splitlines()[0]})" if decoder.text else ""
+        raise ClipError("unreadable", f"{name}: {err}{said}") from err
+    if decoder.text:
+        logger.debug("%s decoded with errors: %s", name, decoder.text.replace("\n", "; "))
     if data.size == 0:
         raise ClipError("empty", f"{name} has no samples")
     if not np.isfinite(data).all():
@@ -106,7 +155,8 @@ def probe_audio(source: AudioSource) -> float:
 
     handle, name = _handle(source)
     try:
-        info = sf.info(handle)
+        with NativeStderr():
+            info = sf.info(handle)
     except (RuntimeError, OSError, ValueError, EOFError, TypeError) as err:
         raise ClipError("unreadable", f"{name}: {err}") from err
     if info.frames <= 0 or info.samplerate <= 0:

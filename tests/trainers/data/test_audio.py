@@ -65,3 +65,24 @@ def test_bad_clips_raise_typed_errors(tmp_path: Path) -> None:
         read_audio(b"")
     assert stats.total_skipped == 4 and stats.skipped["empty"] == 2
     assert "4 skipped" in str(stats) and "junk.mp3" in str(stats)
+
+
+def test_a_damaged_mp3_does_not_print_decoder_noise(tmp_path: Path, capfd) -> None:
+    # libmpg123 (inside libsndfile) writes one line per damaged frame straight to fd 2
+    rate = 16_000
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)).astype(np.float32)
+    clip = tmp_path / "damaged.mp3"
+    sf.write(clip, tone, rate, format="MP3")
+    data = bytearray(clip.read_bytes())
+    rng = np.random.default_rng(0)
+    for i in range(200, len(data), 7):
+        data[i] = int(rng.integers(256))
+    clip.write_bytes(bytes(data))
+    capfd.readouterr()
+    try:
+        load_clip(clip)
+    except ClipError as err:
+        assert err.reason == "unreadable"
+    assert capfd.readouterr().err == ""
+    print("fd 2 works again", file=__import__("sys").stderr)
+    assert "works again" in capfd.readouterr().err
