@@ -57,3 +57,15 @@ def test_allow_cpu_reaches_flora_train_from_make() -> None:
     run = make("-n", "train-starcoder", "LANG=perl", "ALLOW_CPU=1", "SET=eval_steps=25 block_size=64")
     assert run.returncode == 0, run.stderr
     assert "--allow-cpu" in run.stdout and "--set eval_steps=25 --set block_size=64" in run.stdout
+
+
+def test_trainer_flags_and_the_sandbox_opt_out_reach_the_clis_from_make() -> None:
+    run = make(
+        "-n", "train-starcoder", "LANG=perl", "SET=report_to=tensorboard", "LAUNCHER=torchrun", "NUM_GPUS=2",
+        "NO_PROGRESS=1",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    for flag in ("--set report_to=tensorboard", "--launcher torchrun", "--num-gpus 2", "--no-progress"):
+        assert flag in run.stdout, flag
+    evaluate = make("-n", "eval-starcoder", "LANG=perl", "UNSAFE_NO_SANDBOX=1")
+    assert evaluate.returncode == 0 and "--unsafe-no-sandbox" in evaluate.stdout, evaluate.stdout
