@@ -261,7 +261,9 @@ def resolve_resume(recipe: Recipe, output_dir: Path) -> Optional[str]:
     if recipe.resume.lower() in ("latest", "last", "auto", "true", "1", "yes"):
         found = latest_complete_checkpoint(output_dir)
         if found is None:
-            raise RecipeError(f"--resume: no checkpoint to resume from (no complete checkpoint-* folder in {output_dir})")
+            raise RecipeError(
+                f"--resume: no checkpoint to resume from (no complete checkpoint-* folder in {output_dir})"
+            )
         return str(found)
     path = Path(recipe.resume).expanduser()
     if not path.is_dir():
