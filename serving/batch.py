@@ -9,6 +9,7 @@ for rows without MiLoRA) live here beside the KV cache, and ``filter`` / ``conca
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -20,6 +21,22 @@ from flora_hf.ops.milora import RoutedGates
 
 from .sampling import HeterogeneousNextTokenChooser, IncrementalDetokenizer, StoppingCriteria
 from .types import GenerationRequest
+
+_STEP_FIELDS = ("cache", "input_ids", "attention_mask", "position_ids", "prefill_done", "expert_gates")
+"""Batch fields a step reassigns (it never writes into their tensors)."""
+
+
+@dataclass
+class StepSnapshot:
+    """A running batch's state before one step (see :meth:`Batch.snapshot`)."""
+
+    fields: dict[str, object]
+    cache_layers: Optional[list[tuple[torch.Tensor, torch.Tensor]]]
+    generators: list[tuple[torch.Generator, torch.Tensor]]
+    token_lengths: list[int]
+    generated: list[int]
+    stopping: list[tuple[int, int]]
+    detokenizers: list[tuple[int, int, int]]
 
 
 @dataclass
@@ -87,6 +104,38 @@ class Batch:
             generated=[0] * len(requests),
         )
 
+    # ---------------------------------------------------------------------------------------- undo a step
+    def snapshot(self) -> StepSnapshot:
+        """What one ``generate_token`` call changes, kept by reference (no tensor is copied): the KV cache's
+        tensors (the model replaces them, it does not write into them), sampling generators, and each row's
+        token list, stopping and detokenizer counters."""
+        layers = [(layer.keys, layer.values) for layer in self.cache.layers] if self.cache is not None else None
+        return StepSnapshot(
+            fields={name: getattr(self, name) for name in _STEP_FIELDS} | {"milora_gates": dict(self.milora_gates)},
+            cache_layers=layers,
+            generators=self.chooser.generator_states(),
+            token_lengths=[len(ids) for ids in self.token_ids],
+            generated=list(self.generated),
+            stopping=[criteria.state() for criteria in self.stopping],
+            detokenizers=[detok.state() for detok in self.detokenizers],
+        )
+
+    def restore(self, snapshot: StepSnapshot) -> None:
+        """This batch as it was at :meth:`snapshot`, after a step that failed part-way."""
+        for name, value in snapshot.fields.items():
+            setattr(self, name, value)
+        if snapshot.cache_layers is not None and self.cache is not None:
+            for layer, (keys, values) in zip(self.cache.layers, snapshot.cache_layers):
+                layer.keys, layer.values = keys, values
+        self.chooser.restore_generators(snapshot.generators)
+        for ids, length in zip(self.token_ids, snapshot.token_lengths):
+            del ids[length:]
+        self.generated = list(snapshot.generated)
+        for criteria, state in zip(self.stopping, snapshot.stopping):
+            criteria.restore(state)
+        for detok, state in zip(self.detokenizers, snapshot.detokenizers):
+            detok.restore(state)
+
     # ------------------------------------------------------------------------------------------- filter
     def filter(self, keep_ids: list[int]) -> Optional[Batch]:
         """Only the rows whose request id is in ``keep_ids``, in their current order; None when none is left."""
@@ -102,7 +151,9 @@ class Batch:
         trim = int((attention_mask.cumsum(-1) == 0).sum(-1).min().item())
         attention_mask = attention_mask[:, trim:]
         cache = self.cache
-        if cache is not None:
+        if cache is not None:  # a new cache object: this batch's stays whole (a failed step is split and retried)
+            cache = copy.copy(cache)
+            cache.layers = [copy.copy(layer) for layer in cache.layers]
             for layer in cache.layers:
                 layer.keys = layer.keys[index, :, trim:]
                 layer.values = layer.values[index, :, trim:]

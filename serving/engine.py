@@ -286,21 +286,42 @@ class LLMEngine:
                 self._running = batch if self._running is None else Batch.concatenate([self._running, batch])
 
     def _decode(self) -> None:
-        batch = self._running
-        try:
-            outputs, batch = self.runner.generate_token(batch)
-        except Exception as exc:
-            logger.exception("decode step failed")
-            with self._cond:
-                failed = [self._entries[r.id] for r in self._running.requests if r.id in self._entries]
-                self._running = None
-                self._fail(failed, GenerationError(f"generation failed: {exc}"))
-            return
+        outputs, batch, failures = self._isolating_step(self._running)
+        with self._cond:
+            for request_id, exc in failures:
+                entry = self._entries.get(request_id)
+                if entry is not None:
+                    self._fail([entry], GenerationError(f"generation failed: {exc}"))
         self.steps += 1
         self._steps_since_admit += 1
         self._dispatch(outputs)
         with self._cond:
             self._running = batch
+
+    def _isolating_step(self, batch: Batch) -> tuple[list[StepOutput], Optional[Batch], list[tuple[int, Exception]]]:
+        """One decode step; when it raises, the batch is put back as it was and split in halves, each stepped on
+        its own, down to the row that fails. Only that row fails; every other row gets the token it would have
+        got in the whole batch (its KV cache, sampling generator and counters are restored before the retry)."""
+        snapshot = batch.snapshot()
+        try:
+            outputs, rest = self.runner.generate_token(batch)
+            return outputs, rest, []
+        except Exception as exc:  # one row's failure must not fail the rows beside it
+            if len(batch) == 1:
+                logger.exception("decode step failed for request %d", batch.requests[0].id)
+                return [], None, [(batch.requests[0].id, exc)]
+            logger.warning("decode step of %d rows failed (%s); retrying the rows in halves", len(batch), exc)
+            batch.restore(snapshot)
+        ids = [r.id for r in batch.requests]
+        halves = [batch.filter(ids[: len(ids) // 2]), batch.filter(ids[len(ids) // 2 :])]
+        outputs, running, failures = [], [], []
+        for half in halves:
+            half_outputs, half_rest, half_failures = self._isolating_step(half)
+            outputs += half_outputs
+            failures += half_failures
+            if half_rest is not None:
+                running.append(half_rest)
+        return outputs, (Batch.concatenate(running) if len(running) > 1 else next(iter(running), None)), failures
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         done = []

@@ -326,6 +326,15 @@ class HeterogeneousNextTokenChooser:
             next_ids[row] = _sample(logprobs[row], generator)
         return next_ids
 
+    def generator_states(self) -> list[tuple[torch.Generator, Tensor]]:
+        """Every sampling row's generator with its state now: a step that is undone draws the same numbers again."""
+        return [(generator, generator.get_state()) for _, generator in self._samplers]
+
+    @staticmethod
+    def restore_generators(states: Sequence[tuple[torch.Generator, Tensor]]) -> None:
+        for generator, state in states:
+            generator.set_state(state)
+
     def filter(self, keep: Sequence[int]) -> HeterogeneousNextTokenChooser:
         """A chooser for rows ``keep`` (in that order), e.g. after finished requests leave the batch."""
         return self._from_rows([self._rows[i].clone() for i in keep], self.dtype, self.device)
@@ -403,6 +412,13 @@ class StoppingCriteria:
             return True, "stop_sequence"
         return False, None
 
+    def state(self) -> tuple[int, int]:
+        """What a step changes, for :meth:`restore` when the step is undone."""
+        return self.current_tokens, self._checked_chars
+
+    def restore(self, state: tuple[int, int]) -> None:
+        self.current_tokens, self._checked_chars = state
+
     def _found_stop_sequence(self, text: str) -> bool:
         """Search only where a new occurrence can be: ending after the text already checked."""
         checked, self._checked_chars = min(self._checked_chars, len(text)), len(text)
@@ -452,6 +468,14 @@ class IncrementalDetokenizer:
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return new_text[len(prefix_text) :]
+
+    def state(self) -> tuple[int, int, int]:
+        """What a step changes, for :meth:`restore` when the step is undone."""
+        return len(self._ids), self._prefix_offset, self._read_offset
+
+    def restore(self, state: tuple[int, int, int]) -> None:
+        length, self._prefix_offset, self._read_offset = state
+        del self._ids[length:]
 
     @property
     def generated_ids(self) -> list[int]:

@@ -304,3 +304,58 @@ def test_one_failing_row_does_not_fail_the_rows_beside_it(adapter_dir) -> None:
     assert isinstance(together[1], Exception) and "row-specific" in str(together[1])
     survivors = [t for i, t in enumerate(together) if i != 1]
     assert [[o.token.id for o in t] for t in survivors] == [[o.token.id for o in a] for a in alone]
+
+
+@pytest.mark.parametrize("where", ["forward", "row_loop"])
+def test_a_row_failing_mid_decode_fails_alone_and_the_others_continue_exactly(adapter_dir, where) -> None:
+    """A decode step that raises part-way, after the model extended the KV cache of every row ("forward") or after
+    the sampling generators advanced and earlier rows took their token ("row_loop"): the batch is put back and
+    split, only the culprit fails, and every other row, seeded sampling included, gets what it gets alone."""
+    import serving.sampling as sampling
+
+    engine = make_engine(adapter_dir, ["flora-a", "lora"], num_slots=2)
+    poison_budget = 11  # the poisoned request is the one with 11 new tokens; it fails at its 4th
+    runner = engine.runner
+    real_forward, real_call = runner.forward, sampling.StoppingCriteria.__call__
+
+    def poisoned_row(batch):
+        return any(c.max_new_tokens == poison_budget and c.current_tokens >= 3 for c in batch.stopping)
+
+    def forward(batch):
+        out = real_forward(batch)  # the cache of every row already grew
+        if batch.prefill_done and poisoned_row(batch):
+            raise RuntimeError("a row-specific failure in the model")
+        return out
+
+    def call(self, token_id, text):
+        if self.max_new_tokens == poison_budget and self.current_tokens >= 3:
+            raise RuntimeError("a row-specific failure in the row loop")
+        return real_call(self, token_id, text)
+
+    if where == "forward":
+        runner.forward = forward
+    else:
+        sampling.StoppingCriteria.__call__ = call
+    cases = [
+        request("def add(", None),
+        request("sub fib {", "flora-a", do_sample=True, seed=7, temperature=0.9),
+        request("POISON", "lora", max_new_tokens=poison_budget),
+        request("print('h", "lora", do_sample=True, seed=3, top_k=20),
+        request("my $n =", None, max_new_tokens=16),
+    ]
+
+    async def main():
+        alone = [await collect(engine, copy.deepcopy(r)) for i, r in enumerate(cases) if i != 2]
+        together = await asyncio.gather(*(collect(engine, copy.deepcopy(r)) for r in cases), return_exceptions=True)
+        after = await collect(engine, copy.deepcopy(cases[0]))  # and the engine keeps serving
+        await engine.shutdown()
+        return alone, together, after
+
+    try:
+        alone, together, after = run(main())
+    finally:
+        sampling.StoppingCriteria.__call__ = real_call
+    assert isinstance(together[2], Exception) and "row-specific" in str(together[2])
+    survivors = [t for i, t in enumerate(together) if i != 2]
+    assert [[o.token.id for o in t] for t in survivors] == [[o.token.id for o in a] for a in alone]
+    assert [o.token.text for o in after] == [o.token.text for o in alone[0]]
