@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 import torch
 
@@ -34,6 +34,9 @@ from .types import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+StepObserver = Callable[[str, int, float, bool], None]
 
 
 @dataclass
@@ -100,6 +103,9 @@ class LLMEngine:
         self._stop = False
         self.steps = 0
         self._steps_since_admit = 0
+        self.step_observer: Optional[StepObserver] = None
+        """Called after every prefill and decode step from the scheduler thread: ``(method, rows, seconds, ok)``
+        with method ``"prefill"`` or ``"decode"`` (the server's ``tgi_batch_*`` metrics)."""
         self._thread = threading.Thread(target=self._loop, name="flora-scheduler", daemon=True)
         self._thread.start()
 
@@ -113,6 +119,7 @@ class LLMEngine:
                 "queue_size": len(self._waiting),
                 "batch_size": len(self._running) if self._running is not None else 0,
                 "in_flight": len(self._entries),
+                "batch_current_max_tokens": self._running_budget(),
                 # every MiLoRA layer routes each prompt once: any layer's count is the number of prompts
                 "milora_prompts_routed": max(self.store.router_counts().values(), default=0),
             }
@@ -257,7 +264,12 @@ class LLMEngine:
             self._entries.pop(rid, None)
         self._cancelled.clear()
 
+    def _observe(self, method: str, rows: int, start: float, ok: bool) -> None:
+        if self.step_observer is not None:
+            self.step_observer(method, rows, time.perf_counter() - start, ok)
+
     def _prefill(self, admitted: list[_Entry]) -> None:
+        start = time.perf_counter()
         try:
             batch = Batch.from_requests(
                 [e.request for e in admitted],
@@ -269,6 +281,7 @@ class LLMEngine:
             )
             outputs, batch = self.runner.generate_token(batch)
         except Exception as exc:  # one bad batch must not take the server down
+            self._observe("prefill", len(admitted), start, False)
             if len(admitted) > 1:
                 # one row's failure must not fail the rows beside it: prefill each alone, so only the culprit fails
                 logger.warning("prefill of %d rows failed (%s); retrying each row alone", len(admitted), exc)
@@ -279,6 +292,7 @@ class LLMEngine:
             with self._cond:
                 self._fail(admitted, GenerationError(f"generation failed: {exc}"))
             return
+        self._observe("prefill", len(admitted), start, True)
         self._steps_since_admit = 0
         self._dispatch(outputs)
         if batch is not None:
@@ -286,7 +300,9 @@ class LLMEngine:
                 self._running = batch if self._running is None else Batch.concatenate([self._running, batch])
 
     def _decode(self) -> None:
+        start, rows = time.perf_counter(), len(self._running)
         outputs, batch, failures = self._isolating_step(self._running)
+        self._observe("decode", rows, start, not failures)
         with self._cond:
             for request_id, exc in failures:
                 entry = self._entries.get(request_id)

@@ -2,7 +2,8 @@
 
 Counters keep TGI's exact names (``tgi_request_count``, not ``tgi_request_count_total``): prometheus-client's own
 ``Counter`` always appends ``_total``, which would break dashboards written for TGI, so counters are served by a
-small collector and exposed as untyped samples with the exact name. Histogram buckets follow TGI's router.
+small collector with the exact name and typed ``counter`` in the exposition (the Prometheus text format does not
+require the suffix; TGI's own exporter writes the same lines). Histogram buckets follow TGI's router.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ _COUNTERS = {
     "tgi_request_count": ("Total number of requests", ()),
     "tgi_request_success": ("Number of successful requests", ()),
     "tgi_request_failure": ("Number of failed requests", ("err",)),
+    "tgi_batch_inference_count": ("Inference calls per method (prefill or decode)", ("method",)),
+    "tgi_batch_inference_success": (
+        "Number of successful inference calls per method (prefill or decode)",
+        ("method",),
+    ),
+    "tgi_batch_inference_failure": ("Number of failed inference calls per method (prefill or decode)", ("method",)),
     "flora_adapter_requests": ("Requests per adapter (`base` for the base model)", ("adapter",)),
     "flora_milora_prompts_routed": ("Prompts MiLoRA routers routed (once per prompt, never per decoding step)", ()),
 }
@@ -109,6 +116,17 @@ class ServerMetrics:
         )  # fmt: skip
         self.queue_size = Gauge("tgi_queue_size", "Current queue size", registry=reg)
         self.batch_size = Gauge("tgi_batch_current_size", "Current batch size", registry=reg)
+        self.batch_max_tokens = Gauge(
+            "tgi_batch_current_max_tokens", "Maximum tokens the current batch will grow to", registry=reg
+        )
+        self.batch_inference_duration = Histogram(
+            "tgi_batch_inference_duration", "Batch inference duration", ("method",), registry=reg,
+            buckets=_duration_buckets(),
+        )  # fmt: skip
+        self.batch_next_size = Histogram(
+            "tgi_batch_next_size", "Batch size of the next batch (each prefill)", registry=reg,
+            buckets=[2.0**k for k in range(11)],
+        )  # fmt: skip
         self.in_flight = Gauge("flora_requests_in_flight", "Requests admitted and not finished", registry=reg)
 
     # ------------------------------------------------------------------------------------------------ events
@@ -135,6 +153,15 @@ class ServerMetrics:
         self.time_per_token.observe(inference / max(generated_tokens, 1))
         self.generated_tokens.observe(generated_tokens)
 
+    def batch_step(self, method: str, rows: int, seconds: float, ok: bool) -> None:
+        """One engine step (the engine's ``step_observer``), as TGI's router records each inference call."""
+        self.counters.inc("tgi_batch_inference_count", method)
+        self.counters.inc("tgi_batch_inference_success" if ok else "tgi_batch_inference_failure", method)
+        if ok:
+            self.batch_inference_duration.labels(method).observe(seconds)
+        if method == "prefill":
+            self.batch_next_size.observe(rows)
+
     # ------------------------------------------------------------------------------------------------ scrape
 
     def render(self) -> bytes:
@@ -145,5 +172,9 @@ class ServerMetrics:
         self.queue_size.set(stats.get("queue_size", 0))
         self.batch_size.set(stats.get("batch_current_size", stats.get("batch_size", 0)))
         self.in_flight.set(stats.get("in_flight", 0))
+        self.batch_max_tokens.set(stats.get("batch_current_max_tokens", 0))
         self.counters.set("flora_milora_prompts_routed", stats.get("milora_prompts_routed", 0))
-        return generate_latest(self.registry)
+        text = generate_latest(self.registry)
+        for name in _COUNTERS:  # Metric(..., "unknown") is written `untyped`; these are counters
+            text = text.replace(f"# TYPE {name} untyped\n".encode(), f"# TYPE {name} counter\n".encode())
+        return text

@@ -64,6 +64,8 @@ class AppState:
             model_id=self.model_id,
         )
         self.metrics = ServerMetrics(self.max_input_tokens, self.max_total_tokens, engine.stats)
+        if hasattr(engine, "step_observer"):  # flora's own engine; another engine reports no batch steps
+            engine.step_observer = self.metrics.batch_step
         device = getattr(getattr(engine, "device", None), "type", None)
         default_compute = "cpu" if device in (None, "cpu") else "gpu+optimized"  # TGI's images set COMPUTE_TYPE
         self.compute_type = os.environ.get("COMPUTE_TYPE", default_compute)

@@ -140,7 +140,9 @@ def test_cancelled_request_frees_its_row(adapter_dir) -> None:
 
     other, stats = run(main())
     assert len(other) == 4
-    assert stats == {"queue_size": 0, "batch_size": 0, "in_flight": 0, "milora_prompts_routed": 0}
+    assert stats == {
+        "queue_size": 0, "batch_size": 0, "in_flight": 0, "batch_current_max_tokens": 0, "milora_prompts_routed": 0
+    }  # fmt: skip
     assert engine.store._pins == {}
 
 
@@ -359,3 +361,29 @@ def test_a_row_failing_mid_decode_fails_alone_and_the_others_continue_exactly(ad
     survivors = [t for i, t in enumerate(together) if i != 2]
     assert [[o.token.id for o in t] for t in survivors] == [[o.token.id for o in a] for a in alone]
     assert [o.token.text for o in after] == [o.token.text for o in alone[0]]
+
+
+def test_batch_metrics_count_every_prefill_and_decode_step_under_tgis_names(adapter_dir) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.metrics import ServerMetrics
+
+    engine = make_engine(adapter_dir, ["flora-a"], num_slots=2)
+    metrics = ServerMetrics(64, 128, engine.stats)
+    engine.step_observer = metrics.batch_step
+
+    async def main():
+        await asyncio.gather(*(collect(engine, request(p, "flora-a", max_new_tokens=4)) for p in PROMPTS[:3]))
+        await engine.shutdown()
+
+    run(main())
+    text = metrics.render().decode()
+    assert "# TYPE tgi_batch_inference_count counter\n" in text and "# TYPE tgi_request_count counter\n" in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert 'tgi_batch_inference_count{method="decode"}' in text  # the exact name, no `_total`
+    counts = {s.labels["method"]: s.value for s in families["tgi_batch_inference_count"].samples}
+    success = {s.labels["method"]: s.value for s in families["tgi_batch_inference_success"].samples}
+    assert counts == success and counts["prefill"] >= 1 and counts["decode"] >= 3
+    assert counts["decode"] == engine.steps
+    sizes = [s for s in families["tgi_batch_next_size"].samples if s.name.endswith("_sum")]
+    assert sizes[0].value == 3  # three prompts went through prefills

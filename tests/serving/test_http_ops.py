@@ -90,8 +90,13 @@ def test_metrics():
         http.post("/generate", json={"inputs": "FAILNOW", "parameters": {}})
         r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    # exact TGI names, typed counter (prometheus-client's parser reads them back with `_total` appended)
+    assert "# TYPE tgi_request_count counter\ntgi_request_count 5.0\n" in r.text
     samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
+        (
+            s.name.removesuffix("_total") if family.type == "counter" else s.name,
+            tuple(sorted(s.labels.items())),
+        ): s.value
         for family in text_string_to_metric_families(r.text)
         for s in family.samples
     }
