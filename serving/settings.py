@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +186,50 @@ _OPTIONS: list[tuple[str, tuple[str, ...], tuple[str, ...], Any, str]] = [
 ]  # fmt: skip
 
 
+_ONE_DEVICE = "flora-serve's own engine runs the model on one device (tensor parallel is not supported)"
+_WATERMARK = "watermarking is not supported (requests with `watermark: true` are refused)"
+
+# TGI launcher options that flora-serve has no use for: (flag, env, type, accepted(value), why). A value that asks for
+# nothing beyond what flora-serve does is accepted; any other is refused at start, never silently ignored.
+_TGI_LAUNCHER_ONLY: list[tuple[str, str, Any, Callable[[Any], bool], str]] = [
+    ("num_shard", "NUM_SHARD", int, lambda v: v == 1, _ONE_DEVICE),
+    ("sharded", "SHARDED", _bool, lambda v: not v, _ONE_DEVICE),
+    ("speculate", "SPECULATE", int, lambda v: v == 0, "speculative decoding is not supported"),
+    ("rope_scaling", "ROPE_SCALING", str, lambda v: False, "set RoPE scaling in the model's config.json"),
+    ("rope_factor", "ROPE_FACTOR", float, lambda v: False, "set RoPE scaling in the model's config.json"),
+    ("cuda_graphs", "CUDA_GRAPHS", str, lambda v: v.strip() in ("0", ""), "CUDA graphs are not used"),
+    ("cuda_memory_fraction", "CUDA_MEMORY_FRACTION", float, lambda v: v == 1.0,
+     "the KV cache grows with the batch; no memory is reserved up front"),
+    ("kv_cache_dtype", "KV_CACHE_DTYPE", str, lambda v: False, "the KV cache is kept in the model's --dtype"),
+    ("otlp_endpoint", "OTLP_ENDPOINT", str, lambda v: False,
+     "OpenTelemetry export is not built in; scrape /metrics instead"),
+    ("otlp_service_name", "OTLP_SERVICE_NAME", str, lambda v: True, ""),
+    ("watermark_gamma", "WATERMARK_GAMMA", float, lambda v: False, _WATERMARK),
+    ("watermark_delta", "WATERMARK_DELTA", float, lambda v: False, _WATERMARK),
+    ("tokenizer_config_path", "TOKENIZER_CONFIG_PATH", str, lambda v: False,
+     "the tokenizer is read from the model folder"),
+    ("weights_cache_override", "WEIGHTS_CACHE_OVERRIDE", str, lambda v: False, "use --huggingface-hub-cache"),
+    ("disable_grammar_support", "DISABLE_GRAMMAR_SUPPORT", _bool, lambda v: True, ""),
+    ("disable_custom_kernels", "DISABLE_CUSTOM_KERNELS", _bool, lambda v: True, ""),
+    ("enable_prefill_logprobs", "ENABLE_PREFILL_LOGPROBS", _bool, lambda v: True, ""),
+    ("usage_stats", "USAGE_STATS", str, lambda v: True, ""),
+]  # fmt: skip
+"""Accepted values need nothing: no grammar support to disable, no custom kernels, prefill logprobs always on
+(``decoder_input_details``), no usage statistics sent, a service name with no exporter."""
+
+
+def _check_launcher_only(args: Mapping[str, Any], env: Mapping[str, str]) -> None:
+    for name, env_name, kind, accepted, why in _TGI_LAUNCHER_ONLY:
+        value, source = args.get(name), f"--{name.replace('_', '-')}"
+        if value is None and env.get(env_name) not in (None, ""):
+            value, source = env[env_name], env_name
+        if value is None:
+            continue
+        value = kind(value) if isinstance(value, str) else value
+        if not accepted(value):
+            raise ValueError(f"{source}={value} is not supported: {why}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flora-serve",
@@ -200,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(*flags, dest=name, action="store_const", const=True, default=None, help=help_text)
         else:
             parser.add_argument(*flags, dest=name, type=kind, default=None, help=help_text)
+    for name, env_name, kind, _accepted, why in _TGI_LAUNCHER_ONLY:
+        flag = f"--{name.replace('_', '-')}"
+        help_text = f"TGI's flag; {why or 'accepted, nothing to do here'} [env: {env_name}]"
+        if kind is _bool:
+            parser.add_argument(flag, dest=name, nargs="?", const="true", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=help_text)
     parser.add_argument(
         "--no-compat-return-full-text",
         dest="compat_return_full_text",
@@ -219,6 +270,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, 
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     try:
+        _check_launcher_only(args, env)
         for name, _aliases, envs, kind, _text in _OPTIONS:
             value = args[name]
             if value is None:

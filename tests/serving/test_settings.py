@@ -83,3 +83,30 @@ def test_tgi_flag_names_are_accepted_honoured_or_refused_loudly(capsys):
     assert exit_info.value.code == 2 and "--json-output" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args([], env={"MODEL_ID": "m", "JSON_OUTPUT": "true"})
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["--num-shard", "2"], {}, "--num-shard=2"),
+        ([], {"SHARDED": "true"}, "SHARDED=True"),
+        (["--sharded"], {}, "--sharded=True"),
+        (["--speculate", "2"], {}, "speculative decoding"),
+        ([], {"ROPE_SCALING": "dynamic"}, "ROPE_SCALING=dynamic"),
+        (["--kv-cache-dtype", "fp8"], {}, "--kv-cache-dtype=fp8"),
+        ([], {"OTLP_ENDPOINT": "http://collector:4317"}, "OpenTelemetry"),
+        (["--watermark-gamma", "0.5"], {}, "watermarking"),
+    ],
+)
+def test_tgi_launcher_options_that_do_not_apply_are_refused_not_ignored(argv, env, named, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--model-id", "m", *argv], env=env)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and "not supported" in err
+
+
+def test_tgi_launcher_values_that_ask_for_nothing_are_accepted():
+    env = {"NUM_SHARD": "1", "CUDA_GRAPHS": "0", "USAGE_STATS": "off", "DISABLE_GRAMMAR_SUPPORT": "true"}
+    argv = ["--model-id", "m", "--sharded", "false", "--enable-prefill-logprobs", "--otlp-service-name", "x"]
+    assert parse_args(argv, env=env).model_id == "m"
