@@ -21,6 +21,7 @@ from typing import AsyncIterator, Callable, Optional
 
 import torch
 
+from .adapters.hub import adapter_folder, is_hub_id
 from .adapters.store import AdapterStore
 from .batch import Batch, RowAdapter
 from .model_runner import CausalLMRunner
@@ -408,11 +409,14 @@ def build_engine_from_parts(
     num_slots: int = 64,
     max_rank: int = 16,
     limits: Optional[EngineLimits] = None,
+    hub_cache: Optional[str] = None,
 ) -> LLMEngine:
-    """An engine over an already loaded model; start-up adapters are registered (and validated) here."""
+    """An engine over an already loaded model; start-up adapters (folders or hub ids) are registered (and
+    validated) here."""
     from .layers import AdapterContext
 
     store = AdapterStore(model, AdapterContext(), num_slots=num_slots, max_rank=max_rank, roots=adapter_roots)
+    adapters = {name: adapter_folder(spec, hub_cache) for name, spec in adapters.items()}  # hub ids -> folders
     for name, path in adapters.items():
         store.register(name, path, check_root=False)
     store.warm(adapters)
@@ -426,7 +430,8 @@ def build_engine(settings) -> LLMEngine:
         settings.model_id, device, settings.dtype, settings.quantize, cache_dir=settings.huggingface_hub_cache
     )
     _, max_total = settings.token_limits(getattr(model.config, "max_position_embeddings", None))
-    roots = settings.adapter_roots or sorted({str(Path(p).resolve().parent) for p in settings.lora_adapters.values()})
+    local = [p for p in settings.lora_adapters.values() if not is_hub_id(p)]
+    roots = settings.adapter_roots or sorted({str(Path(p).resolve().parent) for p in local})
     limits = EngineLimits(
         max_concurrent_requests=settings.max_concurrent_requests,
         max_batch_total_tokens=settings.max_batch_total_tokens or max(16384, max_total),
@@ -444,4 +449,5 @@ def build_engine(settings) -> LLMEngine:
         num_slots=settings.max_loaded_adapters,
         max_rank=settings.max_adapter_rank,
         limits=limits,
+        hub_cache=settings.huggingface_hub_cache,
     )

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from .adapters.hub import is_hub_id
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_POSITIONS = 4096  # TGI's fallback when the model config does not say
@@ -85,16 +87,17 @@ def resolve_token_limits(
 
 
 def parse_lora_adapters(spec: Optional[str]) -> dict[str, str]:
-    """``name=path,other=/p/q,/adapters/perl``: a bare path is named after its folder."""
+    """``name=path,other=/p/q,/adapters/perl,owner/repo``: a bare path is named after its folder, a bare hub id
+    after itself (see :mod:`serving.adapters.hub`)."""
     adapters: dict[str, str] = {}
     for item in (spec or "").split(","):
         item = item.strip()
         if not item:
             continue
         name, sep, path = item.partition("=")
-        if not sep:
+        if not sep:  # a folder is named after itself; a hub id (TGI's form) keeps its whole id as the name
             path = name
-            name = Path(path.rstrip("/")).name
+            name = name.partition("@")[0] if is_hub_id(name) else Path(path.rstrip("/")).name
         name, path = name.strip(), path.strip()
         if not name or not path:
             raise ValueError(f"invalid LORA_ADAPTERS entry {item!r}: expected `name=path` or a folder path")
@@ -107,7 +110,7 @@ def parse_lora_adapters(spec: Optional[str]) -> dict[str, str]:
 def default_adapter_roots(adapters: Mapping[str, str]) -> list[str]:
     """The parent folders of the startup adapters: what may be hot-loaded when no roots are configured."""
     roots: list[str] = []
-    for path in adapters.values():
+    for path in (p for p in adapters.values() if not is_hub_id(p)):  # hub snapshots are not hot-load roots
         parent = str(Path(path).expanduser().resolve().parent)
         if parent not in roots:
             roots.append(parent)

@@ -387,3 +387,37 @@ def test_batch_metrics_count_every_prefill_and_decode_step_under_tgis_names(adap
     assert counts["decode"] == engine.steps
     sizes = [s for s in families["tgi_batch_next_size"].samples if s.name.endswith("_sum")]
     assert sizes[0].value == 3  # three prompts went through prefills
+
+
+def test_startup_adapters_may_be_hub_ids_read_from_the_hub_cache(adapter_dir, tmp_path) -> None:
+    import shutil
+
+    from serving.adapters.store import AdapterError
+    from serving.settings import parse_lora_adapters
+
+    # the hub cache as `hf download owner/flora-a` leaves it (no network here: it is read from the cache)
+    repo = tmp_path / "hub" / "models--owner--flora-a"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(adapter_dir / "flora-a", snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    adapters = parse_lora_adapters("owner/flora-a,local=" + str(adapter_dir / "flora-a"))
+    assert adapters == {"owner/flora-a": "owner/flora-a", "local": str(adapter_dir / "flora-a")}
+    engine = build_engine_from_parts(
+        tiny_causal_lm(), tiny_tokenizer(), model_id="tiny", adapters=adapters, adapter_roots=[],
+        hub_cache=str(tmp_path / "hub"), num_slots=2,
+    )  # fmt: skip
+
+    async def main():
+        hub = await collect(engine, request("def add(", "owner/flora-a"))
+        local = await collect(engine, request("def add(", "local"))
+        await engine.shutdown()
+        return hub, local
+
+    hub, local = run(main())
+    assert [o.token.id for o in hub] == [o.token.id for o in local]
+    with pytest.raises(AdapterError, match="not a folder here, and as a hub id"):
+        build_engine_from_parts(
+            tiny_causal_lm(), tiny_tokenizer(), model_id="tiny", adapters={"owner/missing": "owner/missing"},
+            adapter_roots=[], hub_cache=str(tmp_path / "hub"),
+        )  # fmt: skip
