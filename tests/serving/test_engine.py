@@ -421,3 +421,23 @@ def test_startup_adapters_may_be_hub_ids_read_from_the_hub_cache(adapter_dir, tm
             tiny_causal_lm(), tiny_tokenizer(), model_id="tiny", adapters={"owner/missing": "owner/missing"},
             adapter_roots=[], hub_cache=str(tmp_path / "hub"),
         )  # fmt: skip
+
+
+def test_a_prompt_of_only_special_tokens_is_served_and_an_empty_one_refused(adapter_dir) -> None:
+    import httpx
+
+    from tests.serving.live_server import LiveServer
+
+    engine = make_engine(adapter_dir, ["flora-a"], num_slots=2)
+    special = "".join(tiny_tokenizer().all_special_tokens) * 3
+    with LiveServer(engine) as live, httpx.Client(base_url=live.url, timeout=60) as http:
+        r = http.post(
+            "/generate", json={"inputs": special, "parameters": {"max_new_tokens": 3, "adapter_id": "flora-a"}}
+        )
+        assert r.status_code == 200 and isinstance(r.json()["generated_text"], str), r.text
+        empty = http.post("/generate", json={"inputs": "", "parameters": {"max_new_tokens": 3}})
+        assert empty.status_code == 422 and empty.json()["error_type"] == "validation", empty.text
+        assert http.get("/health").status_code == 200
+        assert (
+            http.post("/generate", json={"inputs": "def f(", "parameters": {"max_new_tokens": 2}}).status_code == 200
+        )
