@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .checkpointing import replay_adapter_state_in_checkpoints
 
@@ -76,6 +77,17 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+_OPTIMIZER_STEPS = [0]
+"""Optimizer steps taken in this process (every torch optimizer, fused ones included): part of a bank's key."""
+
+
+def _count_optimizer_step(optimizer: object, args: object, kwargs: object) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class PerExampleAdapterLayer:
     """Mixin for adapter layers that read the current :class:`AdapterBatch`."""
 
@@ -101,7 +113,9 @@ class PerExampleAdapterLayer:
         flat = [t for pair in params for t in pair]
         if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
             return build()
-        versions = tuple((id(t), t._version) for t in flat)
+        # a fused optimizer (AdamW(fused=True), Trainer's default) updates parameters without bumping `_version`,
+        # so any optimizer step anywhere also makes every cached bank stale
+        versions = (_OPTIMIZER_STEPS[0], *((id(t), t._version) for t in flat))
         cache = self.__dict__.setdefault("_bank_cache", {})
         hit = cache.get(key)
         if hit is not None and hit[0] == versions:

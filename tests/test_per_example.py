@@ -98,3 +98,25 @@ def test_errors_use_peft_wording() -> None:
     model.base_model.merge_adapter(["a"])
     with pytest.raises(ValueError, match="Cannot pass `adapter_names` when there are merged adapters"):
         model(input_ids=ids, adapter_names=["a", "b"])
+
+
+def test_mixed_batch_banks_follow_a_fused_optimizer_step() -> None:
+    # fused AdamW (HF Trainer's default optimizer) writes parameters without bumping their `_version`
+    model = two_adapters("flora")
+    ids = torch.randint(1, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    names = ["a", "b"]
+    with torch.no_grad():
+        before = model(input_ids=ids, adapter_names=names).logits  # builds and caches the banks
+    set_trainable_adapters(model, names)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
+    model.train()
+    model(input_ids=ids, adapter_names=names).logits.square().mean().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(input_ids=ids, adapter_names=names).logits
+        for module in model.modules():
+            module.__dict__.pop("_bank_cache", None)
+        rebuilt = model(input_ids=ids, adapter_names=names).logits
+    assert not torch.allclose(before, rebuilt)  # the step changed the adapters
+    torch.testing.assert_close(after, rebuilt)  # and the cached banks followed it

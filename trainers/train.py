@@ -93,16 +93,6 @@ def adapter_parameter_groups(model: torch.nn.Module, names: Sequence[str]) -> di
     return groups
 
 
-def clear_adapter_caches(model: torch.nn.Module) -> None:
-    """Drop FLoRA layers' inference banks. They are rebuilt when a parameter's version changes, but the fused AdamW
-    that Trainer uses by default updates parameters without bumping their version, so after training steps an
-    evaluation could otherwise read the banks built at the previous evaluation."""
-    for module in model.modules():
-        cache = getattr(module, "_bank_cache", None)
-        if isinstance(cache, dict):
-            cache.clear()
-
-
 def make_trainable(model: Any, recipe: Recipe) -> None:
     """Every adapter of the run trainable (again: loading a checkpoint freezes all but the active one)."""
     if recipe.multi_adapter:
@@ -117,17 +107,12 @@ class AdapterTrainerMixin:
 
     - Resuming: Trainer reloads each adapter of a checkpoint but leaves only the active one trainable; every adapter
       of the run is made trainable again before the optimizer is built.
-    - Evaluation: FLoRA's cached inference banks are dropped first (see :func:`clear_adapter_caches`).
     - Clipping per adapter: one global gradient norm would let one language's examples scale another language's
       update; clipping each adapter's gradient separately keeps every adapter's step a function of its own
       examples only (DeepSpeed clips globally itself).
     """
 
     flora_recipe: Optional[Recipe] = None
-
-    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        clear_adapter_caches(self.model)  # type: ignore[attr-defined]
-        return super().evaluate(*args, **kwargs)  # type: ignore[misc]
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
@@ -368,7 +353,6 @@ def train(
     trainer = make_trainer(recipe, peft_model, data, base, output_dir, progress)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
-    clear_adapter_caches(peft_model)
     metrics: dict[str, float] = {"train_seconds": round(time.perf_counter() - start, 2)}
     if data.eval:
         metrics.update(trainer.evaluate())
