@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from ..base_layers import LLAMA_FAMILY, LLAMA_PROJECTIONS, WHISPER_LINEARS
+from ..ops.lora import lora_scaling
 from ..ops.milora import POOLERS
 from ..peft_registry import add_peft_type
 from ..tuner_config import LayerTunerConfig
@@ -113,4 +114,4 @@ class MiLoRAConfig(LayerTunerConfig):
 
     @property
     def scaling(self) -> float:
-        return (self.lora_alpha if self.lora_alpha is not None else self.r) / self.r
+        return lora_scaling(self.lora_alpha if self.lora_alpha is not None else self.r, self.r)

@@ -7,10 +7,16 @@ adapter); adapters of lower rank are zero-padded, which is exact for an additive
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """Semantics: the factor PEFT multiplies a LoRA update by, ``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def _row_factors(bank: Tensor, indices: Tensor, x3: Tensor) -> Tensor:

@@ -8,12 +8,14 @@ MiLoRA the routers (one per transformer layer holding experts, a weight row per 
 from __future__ import annotations
 
 import json
-import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+from peft import LoraConfig
+from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from flora_hf.base_layers import linear_features as base_linear_features
 from flora_hf.milora import MiLoRAConfig
 from flora_hf.milora.model import split_expert_key
+from flora_hf.ops.lora import lora_scaling
 
 from ..types import AdapterError
 
@@ -113,21 +116,30 @@ def _module_path(key: str, suffix: str) -> str:
     return key[: -len(suffix)].removeprefix(_PEFT_PREFIX)
 
 
-def _lora_scaling(config: dict, module_path: str, rank: int) -> float:
-    alpha = config.get("lora_alpha", 8)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if module_path.endswith(pattern):
-            alpha = value
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+def _lora_config(config: dict) -> LoraConfig:
+    """The folder's config as PEFT's LoraConfig (validated as PEFT validates it), so that patterns are read the way
+    PEFT reads them when it loads the same folder."""
+    known = {f.name for f in fields(LoraConfig)}
+    try:
+        return LoraConfig(**{k: v for k, v in config.items() if k in known and k not in ("peft_type", "task_type")})
+    except (TypeError, ValueError) as err:
+        raise AdapterError(f"adapter_config.json is not a valid LoRA config: {err}") from None
+
+
+def _lora_scaling(config: LoraConfig, module_path: str, rank: int) -> float:
+    """PEFT's scaling of one module: ``alpha_pattern`` keys match a module as PEFT matches them
+    (``get_pattern_key``: the whole key after a dot boundary, or a regex), not as a plain suffix."""
+    alpha_key = get_pattern_key(config.alpha_pattern.keys(), module_path)
+    alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
+    return lora_scaling(alpha, rank, bool(config.use_rslora))
 
 
 def _is_feedforward(config: dict, module_path: str) -> bool:
+    """IA3's rule, as PEFT's IA3Model applies it: a regex matches the whole path; else any listed suffix."""
     ff = config.get("feedforward_modules") or []
     if isinstance(ff, str):
-        import re
-
         return re.fullmatch(ff, module_path) is not None
-    return any(module_path == m or module_path.endswith("." + m) for m in ff)
+    return any(module_path.endswith(m) for m in ff)
 
 
 def _milora_config(name: str, config: dict) -> MiLoRAConfig:
@@ -148,6 +160,7 @@ def _parse_tensors(
     """Per module path its tensors by role; for MiLoRA also per layer path its router tensors by part."""
     modules: dict[str, dict[Role, Tensor]] = {}
     routers: dict[str, dict[str, Tensor]] = {}
+    lora_config = _lora_config(config) if method == "lora" else None
     for key, tensor in tensors.items():
         if method == "milora":
             stem, _, leaf = key.rpartition(".")
@@ -184,7 +197,7 @@ def _parse_tensors(
             raise AdapterError(f"module {path}: LoRA factors must be matrices, got shapes {shapes}")
         if method == "lora":
             rank = roles["lora_a"].shape[0]
-            roles["lora_b"] = roles["lora_b"].t().contiguous() * _lora_scaling(config, path, rank)
+            roles["lora_b"] = roles["lora_b"].t().contiguous() * _lora_scaling(lora_config, path, rank)
         elif method == "milora":  # milora_B is (d_out, r), as PEFT's lora_B
             roles["lora_b"] = roles["lora_b"].t().contiguous() * milora.scaling
     return modules, routers

@@ -286,3 +286,22 @@ def test_names_and_paths_are_checked_and_loads_under_one_name_are_serialised(ada
     assert sorted(results) == ["loaded", "refused"] and store.names() == ["same"]
     store.register("owner/name", root / "flora1")  # hub-style ids, as TGI's adapter_id usually is
     store.close()
+
+
+def test_lora_patterns_are_matched_as_peft_matches_them(tmp_path) -> None:
+    # "1.attn.c_attn" names layer 1 only: a plain suffix test would also give its alpha (and rank rule) to layer 11
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    base = GPTBigCodeForCausalLM(GPTBigCodeConfig(vocab_size=64, n_positions=16, n_embd=16, n_layer=12, n_head=2))
+    config = LoraConfig(
+        r=4, lora_alpha=8, alpha_pattern={"1.attn.c_attn": 64}, target_modules=["c_attn"], init_lora_weights=False
+    )
+    folder = save_random_adapter(base, config, tmp_path / "patterned")
+    served = load_adapter_folder("patterned", folder, base, max_rank=8)
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), folder)
+    for layer in (1, 11):
+        path = f"transformer.h.{layer}.attn.c_attn"
+        module = peft.get_submodule(f"base_model.model.{path}")
+        expected = module.lora_B["default"].weight.t() * module.scaling["default"]
+        torch.testing.assert_close(served.modules[path]["lora_b"], expected, msg=path)
+    assert peft.get_submodule("base_model.model.transformer.h.11.attn.c_attn").scaling["default"] == 2.0
