@@ -20,8 +20,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from flora_hf.flora.bnb import is_8bit_linear
-from flora_hf.flora.layer import scaled_base_matmul
-from flora_hf.ops import bank_row, flora_linear, ia3_scale, lora_bmm_delta
+from flora_hf.ops import bank_row, base_call_kwargs, flora_linear, ia3_scale, lora_bmm_delta
 from flora_hf.ops.milora import RoutedGates, add_gated_lora, pool_prompt, route
 
 from .adapters.loader import Role, RouterWeights, linear_features
@@ -100,10 +99,7 @@ class SlotLinear(nn.Module):
 
     def _base_call_kwargs(self) -> dict:
         """How the math core reaches W0 (the same choice the PEFT layers make)."""
-        base = self.base_layer
-        if self.quantized:
-            return {"weight": None, "base_mm": scaled_base_matmul(base), "bias": base.bias}
-        return {"weight": base.weight, "bias": base.bias, "fan_in_fan_out": self.fan_in_fan_out}
+        return base_call_kwargs(self.base_layer, quantized=self.quantized, fan_in_fan_out=self.fan_in_fan_out)
 
     def _bank_shape(self, role: Role) -> tuple[int, ...]:
         dim = self.d_in if role in ("flora_in", "lora_a", "ia3_in") else self.d_out

@@ -11,7 +11,8 @@ from typing import Any
 
 from peft.import_utils import is_bnb_available
 
-from .layer import FLoRALayer, scaled_base_matmul
+from ..ops.flora import base_call_kwargs
+from .layer import FLoRALayer
 
 if is_bnb_available():
     import bitsandbytes as bnb
@@ -37,8 +38,7 @@ if is_bnb_available():
             return self.flora_forward(x, *args, **kwargs)
 
         def _base_call_kwargs(self) -> dict[str, Any]:
-            base = self.get_base_layer()
-            return {"weight": None, "base_mm": scaled_base_matmul(base), "bias": base.bias}
+            return base_call_kwargs(self.get_base_layer(), quantized=True, fan_in_fan_out=False)
 
         def merge(self, *args: Any, **kwargs: Any) -> None:
             raise ValueError("Merging FLoRA into an 8-bit base layer is not supported; load the base in 16/32 bit")

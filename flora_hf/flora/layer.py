@@ -8,8 +8,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
 from ..base_layers import linear_features
-from ..ops import bank_row, build_flora_bank, compose_flora, flora_delta_weight, flora_linear
-from ..ops.flora import BaseMatmul
+from ..ops import (
+    bank_row,
+    base_call_kwargs,
+    build_flora_bank,
+    compose_flora,
+    flora_delta_weight,
+    flora_linear,
+    flora_merge_weight,
+    flora_unmerge_weight,
+)
 from ..per_example import AdapterBatch, PerExampleAdapterLayer
 
 
@@ -84,7 +92,7 @@ class FLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
             if name not in self.flora_in:
                 continue
             weight = base.weight
-            merged = weight.data * self.get_delta_weight(name).to(weight.dtype)
+            merged = flora_merge_weight(weight.data, self.get_delta_weight(name))
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs or infs in the merged weights; adapter {name!r} seems to be broken")
             weight.data = merged
@@ -99,8 +107,7 @@ class FLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.flora_in:
-                delta = self.get_delta_weight(name).to(base.weight.dtype)
-                base.weight.data = base.weight.data / torch.where(delta.abs() < 1e-8, 1e-8, delta)
+                base.weight.data = flora_unmerge_weight(base.weight.data, self.get_delta_weight(name))
 
     # ------------------------------------------------------------------------------------------------- banks
     def _bank_params(self, names: tuple[str, ...]) -> list[tuple[Tensor, Tensor]]:
@@ -138,8 +145,7 @@ class FLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
     # ------------------------------------------------------------------------------------------------ forward
     def _base_call_kwargs(self) -> dict[str, Any]:
         """How the math core reaches W0; the quantized layer overrides this with a scaled base call."""
-        base = self.get_base_layer()
-        return {"weight": base.weight, "bias": base.bias, "fan_in_fan_out": self.fan_in_fan_out}
+        return base_call_kwargs(self.get_base_layer(), quantized=False, fan_in_fan_out=self.fan_in_fan_out)
 
     def _adapted_forward(self, x: Tensor, batch: Optional[AdapterBatch]) -> Optional[Tensor]:
         if batch is not None:
@@ -196,14 +202,3 @@ class Linear(nn.Module, FLoRALayer):
 
     def __repr__(self) -> str:
         return "flora." + super().__repr__()
-
-
-def scaled_base_matmul(base_layer: nn.Module) -> BaseMatmul:
-    """``x -> x W0`` through the layer's own call (for quantized weights), with its bias taken back off."""
-    bias = base_layer.bias
-
-    def call(t: Tensor) -> Tensor:
-        y = base_layer(t)
-        return y if bias is None else y - bias.to(y.dtype)
-
-    return call

@@ -6,24 +6,31 @@ project writes the FLoRA, LoRA or IA3 math.
 
 from .cost import FLoRAPath, FLoRAShape, choose_flora_path
 from .flora import (
+    MERGE_EPS,
     bank_row,
+    base_call_kwargs,
     build_flora_bank,
     compose_flora,
     dense_matmul,
     flora_delta_weight,
     flora_linear,
+    flora_merge_weight,
     flora_merged,
     flora_rank1,
     flora_stacked,
+    flora_unmerge_weight,
     identity_row,
+    scaled_base_matmul,
     weight_in_out,
 )
-from .lora import build_ia3_bank, build_lora_bank, ia3_scale, lora_bmm_delta, lora_loop_delta
+from .lora import build_ia3_bank, build_lora_bank, ia3_scale, lora_bmm_delta, lora_loop_delta, lora_scaling
 
 __all__ = [
+    "MERGE_EPS",
     "FLoRAPath",
     "FLoRAShape",
     "bank_row",
+    "base_call_kwargs",
     "build_flora_bank",
     "build_ia3_bank",
     "build_lora_bank",
@@ -32,12 +39,16 @@ __all__ = [
     "dense_matmul",
     "flora_delta_weight",
     "flora_linear",
+    "flora_merge_weight",
     "flora_merged",
     "flora_rank1",
     "flora_stacked",
+    "flora_unmerge_weight",
     "ia3_scale",
     "identity_row",
     "lora_bmm_delta",
     "lora_loop_delta",
+    "lora_scaling",
+    "scaled_base_matmul",
     "weight_in_out",
 ]

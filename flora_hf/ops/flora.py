@@ -157,6 +157,40 @@ def flora_delta_weight(flora_in: Tensor, flora_out: Tensor) -> Tensor:
     return flora_in.transpose(-1, -2) @ flora_out / flora_in.shape[-2]
 
 
+MERGE_EPS = 1e-8
+"""Where |ΔW| is below this, unmerging divides by it instead (the division cannot be exact there)."""
+
+
+def flora_merge_weight(weight: Tensor, delta: Tensor) -> Tensor:
+    """Semantics: W0 ∘ ΔW, the merged weight (``delta`` in the weight's own layout)."""
+    return weight * delta.to(weight.dtype)
+
+
+def flora_unmerge_weight(weight: Tensor, delta: Tensor) -> Tensor:
+    """Semantics: W ⊘ ΔW, undoing :func:`flora_merge_weight` (inexact where |ΔW| < :data:`MERGE_EPS`)."""
+    delta = delta.to(weight.dtype)
+    return weight / torch.where(delta.abs() < MERGE_EPS, MERGE_EPS, delta)
+
+
+def scaled_base_matmul(base_layer: torch.nn.Module) -> BaseMatmul:
+    """``x -> x W0`` through the layer's own call (for quantized weights), with its bias taken back off."""
+    bias = base_layer.bias
+
+    def call(t: Tensor) -> Tensor:
+        y = base_layer(t)
+        return y if bias is None else y - bias.to(y.dtype)
+
+    return call
+
+
+def base_call_kwargs(base_layer: torch.nn.Module, *, quantized: bool, fan_in_fan_out: bool) -> dict:
+    """How :func:`flora_linear` reaches W0 for ``base_layer``: its dense weight, or, for a quantized base whose
+    weight cannot be multiplied elementwise, a scaled call of the layer itself (``y = (x ∘ b) W0 ∘ a``)."""
+    if quantized:
+        return {"weight": None, "base_mm": scaled_base_matmul(base_layer), "bias": base_layer.bias}
+    return {"weight": base_layer.weight, "bias": base_layer.bias, "fan_in_fan_out": fan_in_fan_out}
+
+
 def compose_flora(first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """Semantics: one adapter of rank r1·r2 whose ΔW is ΔW_1 ∘ ΔW_2 (how several active adapters stack exactly)."""
     (in1, out1), (in2, out2) = first, second

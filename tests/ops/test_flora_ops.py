@@ -199,3 +199,30 @@ def test_cost_model_choices() -> None:
     assert choose_flora_path(_shape(8, 512, 2048, 8, per_token=True), gpu) == "stacked"
     assert choose_flora_path(_shape(8, 512, 6144, 8), gpu, max_merge_bytes=1 << 20) == "stacked"  # not one row fits
     assert choose_flora_path(_shape(8, 512, 6144, 8, itemsize=4), gpu) == "merged"  # 15B fp32: merged in chunks
+
+
+def test_merge_and_unmerge_are_the_elementwise_product_and_its_inverse() -> None:
+    from flora_hf.ops import MERGE_EPS, flora_merge_weight, flora_unmerge_weight
+
+    g = torch.Generator().manual_seed(0)
+    weight, delta = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    delta[0, 0] = 0.0  # where ΔW vanishes the division is replaced, not a NaN
+    merged = flora_merge_weight(weight, delta)
+    torch.testing.assert_close(merged, weight * delta)
+    restored = flora_unmerge_weight(merged, delta)
+    assert torch.isfinite(restored).all() and restored[0, 0] == 0.0 / MERGE_EPS
+    mask = torch.ones_like(delta, dtype=torch.bool)
+    mask[0, 0] = False
+    torch.testing.assert_close(restored[mask], weight[mask])
+
+
+def test_the_base_call_is_the_dense_weight_or_a_scaled_call_of_the_layer() -> None:
+    from flora_hf.ops import base_call_kwargs
+
+    layer = torch.nn.Linear(4, 3)
+    dense = base_call_kwargs(layer, quantized=False, fan_in_fan_out=False)
+    assert dense["weight"] is layer.weight and dense["bias"] is layer.bias and "base_mm" not in dense
+    scaled = base_call_kwargs(layer, quantized=True, fan_in_fan_out=False)
+    x = torch.randn(2, 4)
+    assert scaled["weight"] is None
+    torch.testing.assert_close(scaled["base_mm"](x), x @ layer.weight.t())  # the layer's call, bias taken off
