@@ -1,7 +1,7 @@
 """The one math core: adapter formulas for a batch with a different adapter per row (DESIGN §2).
 
 The PEFT layers in :mod:`flora_hf.flora` and the serving engine both call these functions; nothing else in the
-project writes the FLoRA, LoRA or IA3 math.
+project writes the FLoRA, LoRA, IA3 or MiLoRA math.
 """
 
 from .cost import FLoRAPath, FLoRAShape, choose_flora_path
@@ -24,8 +24,30 @@ from .flora import (
     weight_in_out,
 )
 from .lora import build_ia3_bank, build_lora_bank, ia3_scale, lora_bmm_delta, lora_loop_delta, lora_scaling
+from .milora import (
+    POOLERS,
+    RoutedGates,
+    add_gated_lora,
+    add_zero_use,
+    gated_lora_delta,
+    gelu_rational_init,
+    load_balance_loss,
+    pool_prompt,
+    rational,
+    route,
+)
 
 __all__ = [
+    "POOLERS",
+    "RoutedGates",
+    "add_gated_lora",
+    "add_zero_use",
+    "gated_lora_delta",
+    "gelu_rational_init",
+    "load_balance_loss",
+    "pool_prompt",
+    "rational",
+    "route",
     "MERGE_EPS",
     "FLoRAPath",
     "FLoRAShape",
