@@ -32,7 +32,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal, NamedTuple, Optional, Union
+from typing import Iterator, Literal, NamedTuple, Optional, Union
 
 from .confinement import (
     INSTALL_HINT,
@@ -474,22 +474,30 @@ def _remove_tree(path: str) -> None:
 _PROBE = LanguageSpec(name="flora-sandbox-probe", extension=".txt", commands=(("true",),))
 
 
+@contextlib.contextmanager
+def _leased_uid(drop: bool) -> Iterator[Optional[int]]:
+    """A fresh unprivileged uid for one run when ``drop`` (else None); every process of it is killed afterwards."""
+    uid = UIDS.acquire() if drop else None
+    try:
+        yield uid
+    finally:
+        if uid is not None:
+            if not kill_uid(uid, SANDBOX_PATH):
+                logger.warning("sandbox uid %d still has live processes after cleanup", uid)
+            UIDS.release(uid)
+
+
 @functools.cache
 def _probe(drop: bool, bwrap: Optional[str]) -> Optional[str]:
     if bwrap is None:
         return f"bubblewrap (bwrap) is not on {SANDBOX_PATH}"
     tools = {"true": resolve_tool(_PROBE, "true", drop_privileges=drop) or "/bin/true"}
-    uid = UIDS.acquire() if drop else None
-    try:
-        raw, _ = _run_confined(
-            bwrap, _PROBE, "", tools, limits=DEFAULT_LIMITS, rlimits=_rlimits(DEFAULT_LIMITS, _PROBE, 64), uid=uid
-        )
-    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-        return f"bubblewrap cannot create namespaces here: {exc}"
-    finally:
-        if uid is not None:
-            kill_uid(uid, SANDBOX_PATH)
-            UIDS.release(uid)
+    with _leased_uid(drop) as uid:
+        try:
+            rlimits = _rlimits(DEFAULT_LIMITS, _PROBE, 64)
+            raw, _ = _run_confined(bwrap, _PROBE, "", tools, limits=DEFAULT_LIMITS, rlimits=rlimits, uid=uid)
+        except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+            return f"bubblewrap cannot create namespaces here: {exc}"
     return None if raw.returncode == 0 else f"a confined test program exited with {raw.returncode}"
 
 
@@ -498,9 +506,10 @@ def confinement_problem(*, drop_privileges: Optional[bool] = None) -> Optional[s
     return _probe(_dropping_privileges(drop_privileges), find_bwrap(SANDBOX_PATH))
 
 
-def require_confinement(*, drop_privileges: Optional[bool] = None) -> None:
-    """Raise :class:`SandboxUnavailable`, saying why and what to do, when programs cannot be confined here."""
-    problem = confinement_problem(drop_privileges=drop_privileges)
+def require_confinement(*, drop_privileges: Optional[bool] = None, bwrap: Optional[str] = None) -> None:
+    """Raise :class:`SandboxUnavailable`, saying why and what to do, when programs cannot be confined here
+    (``bwrap``: the bubblewrap already found on the sandbox PATH, if the caller looked)."""
+    problem = _probe(_dropping_privileges(drop_privileges), bwrap or find_bwrap(SANDBOX_PATH))
     if problem is not None:
         raise SandboxUnavailable(f"generated programs cannot be sandboxed here: {problem}. To fix: {INSTALL_HINT}")
 
@@ -521,8 +530,9 @@ def run_program(
     """
     spec = language_spec(language)
     drop = _dropping_privileges(drop_privileges)
+    bwrap = None if unsafe_no_sandbox else find_bwrap(SANDBOX_PATH)
     if not unsafe_no_sandbox:
-        require_confinement(drop_privileges=drop)
+        require_confinement(drop_privileges=drop, bwrap=bwrap)
     tools = {tool: resolve_tool(spec, tool, drop_privileges=drop) for tool in spec.required_tools()}
     absent = [tool for tool, path in tools.items() if path is None]
     if absent:
@@ -531,38 +541,34 @@ def run_program(
 
     start = time.monotonic()
     confinement = "none" if unsafe_no_sandbox else "namespaces"
-    uid = UIDS.acquire() if drop else None
-    try:
-        max_tasks = limits.max_processes if uid is not None else count_tasks_of_uid(os.getuid()) + limits.max_processes
-        rlimits = _rlimits(limits, spec, max_tasks)
-        if unsafe_no_sandbox:
-            raw, last_step = _run_unconfined(spec, program, tools, limits=limits, rlimits=rlimits, uid=uid)
-        else:
-            bwrap = find_bwrap(SANDBOX_PATH)
-            raw, last_step = _run_confined(bwrap, spec, program, tools, limits=limits, rlimits=rlimits, uid=uid)
-        status, detail = _classify(spec, raw, last_step)
-        return SandboxResult(
-            status=status,
-            exit_code=raw.returncode,
-            stdout=raw.stdout.text(),
-            stderr=raw.stderr.text(),
-            duration_s=time.monotonic() - start,
-            pid=raw.pid,
-            uid=uid,
-            signal=_signal_name(raw.returncode),
-            stdout_truncated=raw.stdout.truncated,
-            stderr_truncated=raw.stderr.truncated,
-            detail=detail,
-            confinement=confinement,
-        )
-    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-        detail = f"sandbox error: {exc!r}"
-        return SandboxResult("error", None, "", "", time.monotonic() - start, detail=detail, confinement=confinement)
-    finally:
-        if uid is not None:
-            if not kill_uid(uid, SANDBOX_PATH):
-                logger.warning("sandbox uid %d still has live processes after cleanup", uid)
-            UIDS.release(uid)
+    with _leased_uid(drop) as uid:
+        try:
+            own = limits.max_processes if uid is not None else count_tasks_of_uid(os.getuid()) + limits.max_processes
+            rlimits = _rlimits(limits, spec, own)
+            if unsafe_no_sandbox:
+                raw, last_step = _run_unconfined(spec, program, tools, limits=limits, rlimits=rlimits, uid=uid)
+            else:
+                raw, last_step = _run_confined(bwrap, spec, program, tools, limits=limits, rlimits=rlimits, uid=uid)
+            status, detail = _classify(spec, raw, last_step)
+            return SandboxResult(
+                status=status,
+                exit_code=raw.returncode,
+                stdout=raw.stdout.text(),
+                stderr=raw.stderr.text(),
+                duration_s=time.monotonic() - start,
+                pid=raw.pid,
+                uid=uid,
+                signal=_signal_name(raw.returncode),
+                stdout_truncated=raw.stdout.truncated,
+                stderr_truncated=raw.stderr.truncated,
+                detail=detail,
+                confinement=confinement,
+            )
+        except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+            detail = f"sandbox error: {exc!r}"
+            return SandboxResult(
+                "error", None, "", "", time.monotonic() - start, detail=detail, confinement=confinement
+            )
 
 
 def _run_unconfined(
