@@ -74,7 +74,7 @@ def describe_write_error(err: BaseException, path: Path) -> str:
             code, reason = errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free // 1024} KiB free)"
     if code == errno.ENOSPC:
         return (
-            f"no space left on the device holding {path}: {reason or os.strerror(errno.ENOSPC)}; free some space "
+            f"no space left on the device holding {path}: {reason}; free some space "
             "or choose another OUTPUT_DIR, then resume (RESUME=latest)"
         )
     return f"cannot write {path}: {reason or err}"
@@ -132,9 +132,7 @@ class StagedCheckpointsMixin:
             self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]  # every rank wrote its part
         except (OSError, RuntimeError) as err:
             message = f"checkpoint {final} not saved: {describe_write_error(err, staged)}"
-            shutil.rmtree(staged, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                staging.rmdir()
+            clear_staging(run_dir)  # it held only this checkpoint
             raise OutputWriteError(message) from err
         finally:
             self._flora_staging = None

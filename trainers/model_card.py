@@ -19,10 +19,6 @@ METHOD_NAMES = {"flora": "FLoRA", "lora": "LoRA", "ia3": "IA3", "milora": "MiLoR
 PIPELINES = {"code": "text-generation", "speech": "automatic-speech-recognition"}
 
 
-def _is_hub_id(source: str) -> bool:
-    return bool(source) and not Path(source).expanduser().exists() and not source.startswith((".", "/", "~"))
-
-
 def _language_code(language: str) -> Optional[str]:
     """An ISO 639 code for the hub's ``language`` field (speech); programming languages are tags instead."""
     return language if len(language) in (2, 3) and language.isalpha() else None
@@ -49,7 +45,7 @@ def adapter_card(
     code = _language_code(language) if recipe.task == "speech" else None
     data = ModelCardData(
         library_name="peft",
-        base_model=base_model if _is_hub_id(base_model) else None,
+        base_model=None if Path(base_model).expanduser().exists() else base_model,  # a hub id, not a local folder
         language=[code] if code else None,
         pipeline_tag=PIPELINES[recipe.task],
         tags=["flora-hf", recipe.method, *([] if code else [language])],

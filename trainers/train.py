@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import shlex
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .base_models import LoadedBase, ModelUnavailable, hub_reachable, load_base, model_problem
+from .base_models import LoadedBase, ModelUnavailable, hub_reachable, load_base, local_rank, model_problem
 from .bilevel import MiLoRATrainerMixin, validation_dataset
 from .checkpoints import (
     OutputWriteError,
@@ -165,11 +164,8 @@ def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     routing is replayed correctly only by the non-reentrant implementation (:mod:`flora_hf.checkpointing`)."""
     from transformers import TrainingArguments
 
-    name = (
-        "activation_checkpointing"
-        if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
-        else ("gradient_checkpointing")
-    )
+    fields = TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
@@ -339,7 +335,7 @@ def train(
 
     output_dir = recipe.resolved_output_dir()
     resume = resolve_resume(recipe, output_dir)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if local_rank() == 0:  # each machine's first process: its output folder may be its own disk
         clear_staging(output_dir)
     set_seed(recipe.seed)
     base = base or load_base(recipe, progress)
@@ -359,7 +355,7 @@ def train(
     adapter_dirs = {lang: output_dir / recipe.adapter_name(lang) for lang in recipe.languages}
     history = list(trainer.state.log_history)
     try:
-        plot = save_outputs(recipe, trainer, base, data, output_dir, adapter_dirs, metrics, resume)
+        plot = save_outputs(recipe, trainer, base, data, output_dir, adapter_dirs, metrics, resume, history)
     except OSError as err:
         raise OutputWriteError(
             f"the trained adapters were not saved: {describe_write_error(err, output_dir)}"
@@ -376,13 +372,13 @@ def save_outputs(
     adapter_dirs: dict[str, Path],
     metrics: dict[str, float],
     resume: Optional[str],
+    history: list[dict[str, Any]],
 ) -> Optional[Path]:
     """The adapters (one folder per language), loss plot, recipe and summary; returns the plot's path."""
     output_dir.mkdir(parents=True, exist_ok=True)
     # every process calls it: under ZeRO-3 it gathers the partitioned adapter weights; PEFT then writes one folder
     # per adapter, <output_dir>/<language>/
     trainer.save_model(str(output_dir))
-    history = list(trainer.state.log_history)
     plot = None
     if trainer.args.should_save:
         plot = plot_losses(
