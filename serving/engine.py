@@ -25,6 +25,7 @@ from .adapters.hub import adapter_folder, is_hub_id
 from .adapters.store import AdapterStore
 from .batch import Batch, RowAdapter
 from .model_runner import CausalLMRunner
+from .step_metadata import AdapterContext
 from .types import (
     AdapterError,
     GenerationError,
@@ -413,8 +414,6 @@ def build_engine_from_parts(
 ) -> LLMEngine:
     """An engine over an already loaded model; start-up adapters (folders or hub ids) are registered (and
     validated) here."""
-    from .layers import AdapterContext
-
     store = AdapterStore(model, AdapterContext(), num_slots=num_slots, max_rank=max_rank, roots=adapter_roots)
     adapters = {name: adapter_folder(spec, hub_cache) for name, spec in adapters.items()}  # hub ids -> folders
     for name, path in adapters.items():

@@ -15,8 +15,8 @@ from transformers import DynamicCache
 from flora_hf.cache_compat import cache_kwargs, output_cache
 
 from .batch import Batch
-from .layers import AdapterContext, PromptRouting, StepMetadata, expert_gates
 from .sampling import top_n_tokens
+from .step_metadata import AdapterContext, PromptRouting, StepMetadata, expert_gates
 from .types import StepOutput, TokenInfo
 
 

@@ -5,7 +5,7 @@ as a batch row uses it; a cold one is copied into a free (or least recently used
 thread while the running batch keeps decoding, and its request waits in the queue until then.
 
 A MiLoRA adapter's experts go into the LoRA banks of their modules (each module learns its gate column in its
-transformer layer) and its routers into the :class:`~serving.layers.SlotRouter` of each layer, same slot index.
+transformer layer) and its routers into the :class:`~serving.routers.SlotRouter` of each layer, same slot index.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from typing import Iterable, Optional
 
 from torch import nn
 
-from ..layers import AdapterContext, SlotLinear, SlotRouter, attach_router, expert_columns, wrap_module
+from ..routers import SlotRouter, attach_router, expert_columns
+from ..slot_layers import SlotLinear, wrap_module
+from ..step_metadata import AdapterContext
 from ..types import AdapterError
 from .loader import AdapterWeights, load_adapter_folder, split_layer_path
 

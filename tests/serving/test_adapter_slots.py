@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from flora_hf import FLoRAConfig
 from serving.adapters.loader import load_adapter_folder
 from serving.adapters.store import AdapterStore
-from serving.layers import AdapterContext, SlotLinear, StepMetadata
+from serving.slot_layers import SlotLinear
+from serving.step_metadata import AdapterContext, StepMetadata
 from serving.types import AdapterError
 from tests.models import model_inputs, tiny_gpt_bigcode
 from tests.serving.tiny_serving import save_random_adapter

@@ -23,10 +23,11 @@ from serving.adapters.loader import load_adapter_folder
 from serving.adapters.store import AdapterStore
 from serving.batch import Batch, RowAdapter
 from serving.engine import build_engine, build_engine_from_parts
-from serving.layers import AdapterContext, SlotLinear
 from serving.metrics import ServerMetrics
 from serving.model_runner import CausalLMRunner
 from serving.settings import parse_args
+from serving.slot_layers import SlotLinear
+from serving.step_metadata import AdapterContext
 from serving.types import AdapterError
 from tests.serving.test_engine import collect, request, run
 from tests.serving.tiny_serving import (

@@ -1,0 +1,128 @@
+"""MiLoRA's routers in the server: one per transformer layer, for every slot, run at a prefill only.
+
+MiLoRA adapters use the LoRA banks for their experts (:mod:`serving.slot_layers`) and add a :class:`SlotRouter` per
+transformer layer. At a prefill the router pools each MiLoRA row's prompt and routes it (``flora_hf.ops.milora``),
+once per prompt; the resulting gates ``(B, N)`` (one column per linear module of the layer) travel with the
+:class:`~serving.batch.Batch` and come back in the metadata of every decoding step, where each expert's LoRA update
+is scaled by its column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from flora_hf.ops.milora import pool_prompt, route
+
+from .adapters.loader import RouterWeights
+from .slot_layers import SlotLinear
+from .step_metadata import AdapterContext, StepMetadata, expert_gates
+
+
+def expert_columns(layer: nn.Module) -> tuple[str, ...]:
+    """The gate columns of a transformer layer: every linear module in it (path inside the layer), sorted.
+
+    Fixed when the layer's router is created, so gates computed before a later adapter arrived keep their meaning.
+    """
+    names: list[str] = []
+    for name, module in layer.named_modules():
+        if any(name.startswith(f"{n}.") for n in names):
+            continue  # inside a slot layer: its base layer
+        if isinstance(module, (SlotLinear, nn.Linear, Conv1D)) and name:
+            names.append(name)
+    return tuple(sorted(names))
+
+
+@dataclass
+class RouterSlot:
+    """One MiLoRA adapter's router for one layer, on the device (fp32), and where its experts sit in the gates."""
+
+    router: RouterWeights
+    columns: Tensor  # (N_adapter,) long: the gate column of each row of ``router.weight``
+
+
+class SlotRouter:
+    """MiLoRA's router of one transformer layer for every slot, run by a forward pre-hook on that layer.
+
+    Only at a prefill with MiLoRA rows does it do anything: for each MiLoRA adapter in the batch it pools that
+    adapter's rows' prompt tokens and routes them with :func:`flora_hf.ops.milora.pool_prompt` and
+    :func:`~flora_hf.ops.milora.route` (a loop over the adapters present, as PEFT's own router does), and leaves the
+    gates in the step metadata. Decoding steps reuse the gates stored in the batch: the router never runs there.
+    ``prompts_routed`` counts the prompts it routed (once per prompt), ``calls`` the forwards it routed in.
+    """
+
+    def __init__(self, layer: nn.Module, key: str, context: AdapterContext) -> None:
+        self.key = key
+        self.context = context
+        self.experts = expert_columns(layer)
+        self.columns = {name: column for column, name in enumerate(self.experts)}
+        self.device = next((p.device for p in layer.parameters()), torch.device("cpu"))
+        self.slots: dict[int, RouterSlot] = {}
+        self.prompts_routed = 0
+        self.calls = 0
+        self._handle = layer.register_forward_pre_hook(self._before_layer, with_kwargs=True)
+
+    @torch.no_grad()
+    def write_slot(self, slot: int, router: Optional[RouterWeights]) -> None:
+        """Put an adapter's router in ``slot`` (None: empty it); published by swapping the dict, as the banks are."""
+        slots = dict(self.slots)
+        if router is None:
+            slots.pop(slot, None)
+        else:
+            to = {"device": self.device, "dtype": torch.float32}  # router and rational stay fp32
+            on_device = replace(
+                router,
+                weight=router.weight.to(**to),
+                num=router.num.to(**to),
+                den=router.den.to(**to),
+                query=None if router.query is None else router.query.to(**to),
+            )
+            columns = torch.tensor([self.columns[e] for e in router.experts], device=self.device)
+            slots[slot] = RouterSlot(on_device, columns)
+        self.slots = slots
+
+    def clear_slot(self, slot: int) -> None:
+        self.write_slot(slot, None)
+
+    def _before_layer(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        meta = self.context.current
+        if meta is None or meta.routing is None:
+            return
+        self.route(args[0] if args else kwargs["hidden_states"], meta)
+
+    def route(self, hidden: Tensor, meta: StepMetadata) -> None:
+        """Gates of this layer for every MiLoRA row of a prefill, from the layer's input ``hidden`` ``(B, T, d)``."""
+        routing, slots = meta.routing, self.slots
+        gates = None
+        for slot, rows in routing.groups.items():
+            entry = slots.get(slot)
+            if entry is None:  # this adapter has no experts in this layer
+                continue
+            mask = routing.prompt_mask.index_select(0, rows)
+            r = entry.router
+            pooled = pool_prompt(hidden.index_select(0, rows), mask, r.pooler, r.query)
+            _, routed = route(pooled, r.weight, r.num, r.den, r.top_k, r.rational_form)
+            if gates is None:
+                gates = torch.zeros(hidden.shape[0], len(self.experts), device=hidden.device)
+            gates[rows[:, None], entry.columns[None, :]] = routed
+            self.prompts_routed += rows.numel()
+        if gates is not None:
+            self.calls += 1
+            routing.gates[self.key] = gates
+            meta.expert_gates[self.key] = expert_gates(gates, routing.lora_rows)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def attach_router(model: nn.Module, layer_path: str, context: AdapterContext) -> SlotRouter:
+    """The MiLoRA router of ``model.<layer_path>``, created (and hooked) on first use."""
+    router = context.routers.get(layer_path)
+    if router is None:
+        router = SlotRouter(model.get_submodule(layer_path), layer_path, context)
+        context.routers = {**context.routers, layer_path: router}
+    return router
