@@ -11,7 +11,6 @@ from typing import Any
 
 from peft.import_utils import is_bnb_available
 
-from ..ops.flora import base_call_kwargs
 from .layer import FLoRALayer
 
 if is_bnb_available():
@@ -19,6 +18,8 @@ if is_bnb_available():
     import torch
 
     class Linear8bitLt(torch.nn.Module, FLoRALayer):
+        quantized_base = True  # int8 W0: FLoRA runs as a scaled call of the layer
+
         def __init__(
             self,
             base_layer: torch.nn.Module,
@@ -36,9 +37,6 @@ if is_bnb_available():
 
         def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             return self.flora_forward(x, *args, **kwargs)
-
-        def _base_call_kwargs(self) -> dict[str, Any]:
-            return base_call_kwargs(self.get_base_layer(), quantized=True, fan_in_fan_out=False)
 
         def merge(self, *args: Any, **kwargs: Any) -> None:
             raise ValueError("Merging FLoRA into an 8-bit base layer is not supported; load the base in 16/32 bit")

@@ -9,12 +9,11 @@ from torch import Tensor, nn
 
 from ..base_layers import linear_features
 from ..ops import (
+    adapted_linear,
     bank_row,
-    base_call_kwargs,
     build_flora_bank,
     compose_flora,
     flora_delta_weight,
-    flora_linear,
     flora_merge_weight,
     flora_unmerge_weight,
 )
@@ -31,6 +30,7 @@ class FLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
 
     adapter_layer_names = ("flora_in", "flora_out")
     other_param_names = ("r",)
+    quantized_base = False  # an int8 W0 (the bitsandbytes layer): the math core reaches it by a scaled call
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -81,8 +81,9 @@ class FLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
 
     def get_delta_weight(self, adapter_name: str) -> Tensor:
         """ΔW in the base layer's storage layout."""
-        delta = flora_delta_weight(self.flora_in[adapter_name], self.flora_out[adapter_name])
-        return delta if self.fan_in_fan_out else delta.t()
+        return flora_delta_weight(
+            self.flora_in[adapter_name], self.flora_out[adapter_name], fan_in_fan_out=self.fan_in_fan_out
+        )
 
     # ----------------------------------------------------------------------------------------- merge / unmerge
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -143,10 +144,6 @@ class FLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
         return self._cached_bank(("active", names, like.dtype, like.device), params, build)
 
     # ------------------------------------------------------------------------------------------------ forward
-    def _base_call_kwargs(self) -> dict[str, Any]:
-        """How the math core reaches W0; the quantized layer overrides this with a scaled base call."""
-        return base_call_kwargs(self.get_base_layer(), quantized=False, fan_in_fan_out=self.fan_in_fan_out)
-
     def _adapted_forward(self, x: Tensor, batch: Optional[AdapterBatch]) -> Optional[Tensor]:
         if batch is not None:
             order, bank_in, bank_out = self._batch_bank(x)
@@ -157,7 +154,14 @@ class FLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
             if bank is None:
                 return None
             (bank_in, bank_out), indices = bank, None
-        return flora_linear(x, bank_in, bank_out, indices, **self._base_call_kwargs())
+        return adapted_linear(
+            x,
+            self.get_base_layer(),
+            indices,
+            flora=(bank_in, bank_out),
+            quantized=self.quantized_base,
+            fan_in_fan_out=self.fan_in_fan_out,
+        )
 
     def flora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """The forward of every concrete FLoRA layer (``nn.Module.forward`` precedes this mixin in their MRO)."""

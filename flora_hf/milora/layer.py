@@ -9,8 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from ..base_layers import linear_features
-from ..ops import build_lora_bank
-from ..ops.milora import add_gated_lora, add_zero_use
+from ..ops import LoRATerm, adapted_linear, add_zero_use, build_lora_bank, lora_bank_row
 from ..per_example import PerExampleAdapterLayer
 from .router import GateSlot
 
@@ -97,8 +96,8 @@ class MiLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
         p = max(self.dropout_p[n] for n in names)
         return F.dropout(x, p, training=True) if self.training and p > 0 else x
 
-    def add_experts(self, y: Tensor, x: Tensor) -> Tensor:
-        """``y`` plus this expert's update for every row whose router selected it (nothing for the others)."""
+    def _expert_terms(self, x: Tensor) -> tuple[list[LoRATerm], tuple[str, ...]]:
+        """This expert's LoRA update for the rows its router selected, and the adapters it left unused here."""
         gates = self.slot.current
         if gates is None:
             raise RuntimeError(
@@ -111,23 +110,25 @@ class MiLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
             names = tuple(self.milora_A.keys())
             routed = gates.get(None)
             if routed is None or routed.selects_no_row(column):
-                return self._in_graph_unused(y, names)
+                return [], names
             bank_a, bank_b = self._bank(names, x)  # stacks every adapter's factors: all of them are in the graph
             indices = batch.indices(names, x.shape[0], x.device)
-            x = self._dropout(x, names)
-            return add_gated_lora(y, x, bank_a, bank_b, indices, routed.column(column), routed.rows(column))
+            term = LoRATerm(
+                bank_a, bank_b, indices, routed.column(column), routed.rows(column), self._dropout(x, names)
+            )
+            return [term], ()
+        terms, unused = [], []
         for name in self.active_adapters:
-            routed = gates.get(name)
             if name not in self.milora_A:
                 continue
+            routed = gates.get(name)
             if routed is None or routed.selects_no_row(column):
-                y = self._in_graph_unused(y, (name,))
+                unused.append(name)
                 continue
-            # one adapter for every row: its own factors, two GEMMs, the scaling folded into the gate
-            gate = routed.column(column) * self.scaling[name]
-            a, b = self.milora_A[name], self.milora_B[name].t()
-            y = add_gated_lora(y, self._dropout(x, (name,)), a, b, None, gate, routed.rows(column))
-        return y
+            # one adapter for every row: its own factors, two GEMMs
+            a, b = lora_bank_row(self.milora_A[name], self.milora_B[name], self.scaling[name])
+            terms.append(LoRATerm(a, b, None, routed.column(column), routed.rows(column), self._dropout(x, (name,))))
+        return terms, tuple(unused)
 
     def _in_graph_unused(self, y: Tensor, names: tuple[str, ...]) -> Tensor:
         """``y`` unchanged, with the trainable factors of ``names`` in its graph (a zero gradient) in training.
@@ -138,10 +139,11 @@ class MiLoRALayer(BaseTunerLayer, PerExampleAdapterLayer):
         return add_zero_use(y, [p for n in names for p in (self.milora_A[n], self.milora_B[n])], self.training)
 
     def milora_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        y = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or not self.milora_A:
-            return y
-        return self.add_experts(y, x)
+            return self.base_layer(x, *args, **kwargs)
+        terms, unused = self._expert_terms(x)
+        y = adapted_linear(x, self.base_layer, lora=terms, base_args=args, base_kwargs=kwargs)
+        return self._in_graph_unused(y, unused) if unused else y
 
 
 class Linear(nn.Module, MiLoRALayer):

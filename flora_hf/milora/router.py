@@ -17,7 +17,15 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from ..checkpointing import Snapshot, attribute_snapshot, register_snapshotter
-from ..ops.milora import RoutedGates, add_zero_use, gelu_rational_init, load_balance_loss, pool_prompt, route
+from ..ops.milora import (
+    RoutedGates,
+    RouterGroup,
+    RouterParams,
+    add_zero_use,
+    gelu_rational_init,
+    load_balance_loss,
+    route_groups,
+)
 from ..per_example import PerExampleAdapterLayer, _in_backward
 
 GatesByAdapter = dict[Optional[str], RoutedGates]
@@ -215,19 +223,19 @@ class MiLoRARouter(nn.Module, BaseTunerLayer, PerExampleAdapterLayer):
         self.experts.pop(adapter_name, None)
 
     # ------------------------------------------------------------------------------------------------- routing
-    def _route_one(self, name: str, hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        pooled = pool_prompt(hidden, mask, self.pooler[name], self.milora_query.get(name, None))
-        probs, gates = route(
-            pooled,
-            self.milora_weight[name],
-            self.milora_num[name],
-            self.milora_den[name],
-            self.top_k[name],
-            self.rational_form[name],
+    def _router_group(self, name: str, rows: Optional[Tensor], device: torch.device) -> RouterGroup:
+        """Adapter ``name``'s router as the math core takes it, for ``rows`` (None: every row)."""
+        params = RouterParams(
+            weight=self.milora_weight[name],
+            numerator=self.milora_num[name],
+            denominator=self.milora_den[name],
+            top_k=self.top_k[name],
+            pooler=self.pooler[name],
+            form=self.rational_form[name],
+            query=self.milora_query.get(name, None),
         )
-        columns = torch.tensor([self.slot.columns[e] for e in self.experts[name]], device=hidden.device)
-        full = gates.new_zeros(gates.shape[0], len(self.slot.columns))
-        return probs, full.index_copy(1, columns, gates)
+        columns = torch.tensor([self.slot.columns[e] for e in self.experts[name]], device=device)
+        return params, rows, columns
 
     def _router_parameters(self, name: str) -> list[Tensor]:
         return [
@@ -240,26 +248,31 @@ class MiLoRARouter(nn.Module, BaseTunerLayer, PerExampleAdapterLayer):
 
     def route_prompt(self, hidden: Tensor, prompt_mask: Tensor) -> GatesByAdapter:
         """Gates for every row of ``hidden`` ``(B, T, d)`` from its prompt tokens ``prompt_mask`` ``(B, T)``."""
+        columns = len(self.slot.columns)
         batch = self.current_adapter_batch()
         if batch is not None:
             order = tuple(self.milora_weight.keys())
             indices = batch.indices(order, hidden.shape[0], hidden.device)
-            gates = torch.zeros(hidden.shape[0], len(self.slot.columns), device=hidden.device)
+            groups, absent = [], []
             for k, name in enumerate(order, start=1):
                 rows = (indices == k).nonzero(as_tuple=True)[0]
-                if rows.numel() == 0:  # an adapter absent from this batch: its router stays in the graph (DDP)
-                    gates = add_zero_use(gates, self._router_parameters(name), self.training)
-                    continue
-                probs, routed = self._route_one(name, hidden.index_select(0, rows), prompt_mask.index_select(0, rows))
-                self._record_balance(probs)
-                gates = gates.index_copy(0, rows, routed)
+                if rows.numel():
+                    groups.append(self._router_group(name, rows, hidden.device))
+                else:
+                    absent.append(name)
+            gates, probs = route_groups(hidden, prompt_mask, groups, columns)
+            for p in probs:
+                self._record_balance(p)
+            for name in absent:  # an adapter absent from this batch: its router stays in the graph (DDP)
+                gates = add_zero_use(gates, self._router_parameters(name), self.training)
             return {None: RoutedGates(gates)}
         result: GatesByAdapter = {}
         for name in self.active_adapters:
             if name in self.milora_weight:
-                probs, routed = self._route_one(name, hidden, prompt_mask)
+                group = self._router_group(name, None, hidden.device)
+                gates, (probs,) = route_groups(hidden, prompt_mask, [group], columns)
                 self._record_balance(probs)
-                result[name] = RoutedGates(routed)
+                result[name] = RoutedGates(gates)
         return result
 
     def forward(self, hidden: Tensor) -> GatesByAdapter:

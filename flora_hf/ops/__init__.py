@@ -1,15 +1,30 @@
-"""The one math core: adapter formulas for a batch with a different adapter per row (DESIGN §2).
+"""The one math core: adapter formulas for a batch with a different adapter per row (docs/DESIGN.md §2, §3).
 
-The PEFT layers in :mod:`flora_hf.flora` and the serving engine both call these functions; nothing else in the
-project writes the FLoRA, LoRA, IA3 or MiLoRA math.
+The PEFT layers in :mod:`flora_hf.flora` and :mod:`flora_hf.milora` and the serving engine's slot layers and
+routers all call these functions; nothing else in the project writes the FLoRA, LoRA, IA3 or MiLoRA math. Each op
+states its meaning in a one-line "Semantics:" docstring, and :mod:`flora_hf.ops.reference` computes the same thing
+the obvious way for the tests.
 """
 
+from .adapted import LoRATerm, adapted_linear
+from .banks import (
+    INPUT_ROLES,
+    BankRole,
+    adapter_rows,
+    bank_row,
+    build_flora_bank,
+    build_ia3_bank,
+    build_lora_bank,
+    identity_row,
+    lora_bank_row,
+    neutral_row,
+    pad_rank,
+    role_dim,
+)
 from .cost import FLoRAPath, FLoRAShape, choose_flora_path
 from .flora import (
     MERGE_EPS,
-    bank_row,
     base_call_kwargs,
-    build_flora_bank,
     compose_flora,
     dense_matmul,
     flora_delta_weight,
@@ -19,38 +34,43 @@ from .flora import (
     flora_rank1,
     flora_stacked,
     flora_unmerge_weight,
-    identity_row,
     scaled_base_matmul,
     weight_in_out,
 )
-from .lora import build_ia3_bank, build_lora_bank, ia3_scale, lora_bmm_delta, lora_loop_delta, lora_scaling
+from .lora import ia3_scale, lora_bmm_delta, lora_loop_delta, lora_scaling
 from .milora import (
     POOLERS,
     RoutedGates,
+    RouterGroup,
+    RouterParams,
     add_gated_lora,
     add_zero_use,
+    expert_row_scales,
     gated_lora_delta,
     gelu_rational_init,
     load_balance_loss,
     pool_prompt,
     rational,
     route,
+    route_groups,
+    route_prompts,
 )
 
 __all__ = [
-    "POOLERS",
-    "RoutedGates",
-    "add_gated_lora",
-    "add_zero_use",
-    "gated_lora_delta",
-    "gelu_rational_init",
-    "load_balance_loss",
-    "pool_prompt",
-    "rational",
-    "route",
+    "INPUT_ROLES",
     "MERGE_EPS",
+    "POOLERS",
+    "BankRole",
     "FLoRAPath",
     "FLoRAShape",
+    "LoRATerm",
+    "RoutedGates",
+    "RouterGroup",
+    "RouterParams",
+    "adapted_linear",
+    "adapter_rows",
+    "add_gated_lora",
+    "add_zero_use",
     "bank_row",
     "base_call_kwargs",
     "build_flora_bank",
@@ -59,6 +79,7 @@ __all__ = [
     "choose_flora_path",
     "compose_flora",
     "dense_matmul",
+    "expert_row_scales",
     "flora_delta_weight",
     "flora_linear",
     "flora_merge_weight",
@@ -66,11 +87,23 @@ __all__ = [
     "flora_rank1",
     "flora_stacked",
     "flora_unmerge_weight",
+    "gated_lora_delta",
+    "gelu_rational_init",
     "ia3_scale",
     "identity_row",
+    "load_balance_loss",
+    "lora_bank_row",
     "lora_bmm_delta",
     "lora_loop_delta",
     "lora_scaling",
+    "neutral_row",
+    "pad_rank",
+    "pool_prompt",
+    "rational",
+    "role_dim",
+    "route",
+    "route_groups",
+    "route_prompts",
     "scaled_base_matmul",
     "weight_in_out",
 ]

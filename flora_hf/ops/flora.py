@@ -152,9 +152,11 @@ def flora_linear(
     return y.reshape(*x.shape[:-1], d_out)
 
 
-def flora_delta_weight(flora_in: Tensor, flora_out: Tensor) -> Tensor:
-    """Semantics: ΔW = (1/r) flora_inᵀ · flora_out, shape ``(d_in, d_out)``, for an adapter's own parameters."""
-    return flora_in.transpose(-1, -2) @ flora_out / flora_in.shape[-2]
+def flora_delta_weight(flora_in: Tensor, flora_out: Tensor, *, fan_in_fan_out: bool = True) -> Tensor:
+    """Semantics: ΔW = (1/r) flora_inᵀ · flora_out for an adapter's own parameters, ``(d_in, d_out)``; in
+    ``nn.Linear``'s ``(d_out, d_in)`` storage layout when ``fan_in_fan_out`` is False (as the merge needs it)."""
+    delta = flora_in.transpose(-1, -2) @ flora_out / flora_in.shape[-2]
+    return weight_in_out(delta, fan_in_fan_out)
 
 
 MERGE_EPS = 1e-8
@@ -198,33 +200,3 @@ def compose_flora(first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor]) -
     composed_in = (in1[:, None, :] * in2[None, :, :]).reshape(-1, d_in)
     composed_out = (out1[:, None, :] * out2[None, :, :]).reshape(-1, d_out)
     return composed_in, composed_out
-
-
-def bank_row(flora_in: Tensor, flora_out: Tensor, rank: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    """Semantics: an adapter's parameters (mean over its r components) in the bank's sum form, zero-padded to ``rank``."""
-    r = flora_in.shape[0]
-    rank = r if rank is None else rank
-    if r > rank:
-        raise ValueError(f"cannot pad a rank-{r} adapter down to rank {rank}")
-    pad = rank - r
-    return F.pad(flora_in, (0, 0, 0, pad)), F.pad(flora_out / r, (0, 0, 0, pad))
-
-
-def identity_row(rank: int, d_in: int, d_out: int, *, dtype=None, device=None) -> tuple[Tensor, Tensor]:
-    """The bank row that means "no adapter" (ΔW ≡ 1), in sum form."""
-    return bank_row(
-        torch.ones(1, d_in, dtype=dtype, device=device), torch.ones(1, d_out, dtype=dtype, device=device), rank
-    )
-
-
-def build_flora_bank(
-    adapters: list[tuple[Tensor, Tensor]], d_in: int, d_out: int, *, dtype=None, device=None
-) -> tuple[Tensor, Tensor]:
-    """Stack adapters (``(r_k, d_in)``, ``(r_k, d_out)`` parameter pairs) into a bank whose row 0 is the identity.
-
-    Differentiable: in training the bank is rebuilt from the parameters each step and gradients reach each one.
-    """
-    rank = max((f_in.shape[0] for f_in, _ in adapters), default=1)
-    rows = [identity_row(rank, d_in, d_out, dtype=dtype, device=device)]
-    rows += [bank_row(f_in.to(dtype), f_out.to(dtype), rank) for f_in, f_out in adapters]
-    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])

@@ -48,29 +48,9 @@ def lora_loop_delta(x: Tensor, bank_a: Tensor, bank_b: Tensor, indices: Tensor) 
     return out
 
 
-def build_lora_bank(
-    adapters: list[tuple[Tensor, Tensor, float]], d_in: int, d_out: int, *, dtype=None, device=None
-) -> tuple[Tensor, Tensor]:
-    """Stack PEFT LoRA factors ``(lora_A (r, d_in), lora_B (d_out, r), scaling)`` into a zero-row-0 bank."""
-    rank = max((a.shape[0] for a, _, _ in adapters), default=1)
-    bank_a = torch.zeros(len(adapters) + 1, rank, d_in, dtype=dtype, device=device)
-    bank_b = torch.zeros(len(adapters) + 1, rank, d_out, dtype=dtype, device=device)
-    for k, (a, b, scaling) in enumerate(adapters, start=1):
-        r = a.shape[0]
-        bank_a[k, :r] = a
-        bank_b[k, :r] = b.t() * scaling
-    return bank_a, bank_b
-
-
 def ia3_scale(y: Tensor, bank: Tensor, indices: Optional[Tensor]) -> Tensor:
     """Semantics: y[b] ∘ l_{indices[b]}: IA3's per-row scaling of a layer's input or output (bank ``(n, d)``, row 0 ones)."""
     if indices is None:
         return y * bank[0].to(y.dtype)
     rows = bank[indices].to(y.dtype)
     return y * rows.reshape(rows.shape[0], *([1] * (y.dim() - 2)), rows.shape[-1])
-
-
-def build_ia3_bank(vectors: list[Tensor], dim: int, *, dtype=None, device=None) -> Tensor:
-    """Stack IA3 vectors (any shape with ``dim`` elements) into a bank whose row 0 is ones."""
-    rows = [torch.ones(dim, dtype=dtype, device=device)] + [v.reshape(dim).to(dtype) for v in vectors]
-    return torch.stack(rows)

@@ -9,12 +9,15 @@ experts not selected, so an expert's output is simply scaled by its column of ``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
-from typing import Literal, Optional, Sequence
+from typing import Iterable, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .lora import lora_bmm_delta
 
 Pooler = Literal["last", "mean", "max", "attention"]
 POOLERS: tuple[str, ...] = ("last", "mean", "max", "attention")
@@ -134,6 +137,63 @@ def route(
     return probs, gates
 
 
+@dataclass(frozen=True)
+class RouterParams:
+    """One adapter's router of one transformer layer: what :func:`route_prompts` needs.
+
+    ``weight`` is ``(N_adapter, d)``, ``numerator`` ``(m+1,)`` and ``denominator`` ``(n,)`` the rational's
+    coefficients, ``query`` ``(d,)`` the attention pooler's (None for the other poolers).
+    """
+
+    weight: Tensor
+    numerator: Tensor
+    denominator: Tensor
+    top_k: int
+    pooler: Pooler
+    form: RationalForm = "paper"
+    query: Optional[Tensor] = None
+
+
+def route_prompts(hidden: Tensor, prompt_mask: Tensor, router: RouterParams) -> tuple[Tensor, Tensor]:
+    """Semantics: (p, gates) = route(pool_prompt(hidden, prompt_mask)) with one adapter's router, ``(B, N_adapter)``."""
+    pooled = pool_prompt(hidden, prompt_mask, router.pooler, router.query)
+    return route(pooled, router.weight, router.numerator, router.denominator, router.top_k, router.form)
+
+
+RouterGroup = tuple[RouterParams, Optional[Tensor], Tensor]
+"""An adapter's router, the batch rows it routes (None: all of them) and the gate column of each of its experts."""
+
+
+def route_groups(
+    hidden: Tensor, prompt_mask: Tensor, groups: Iterable[RouterGroup], num_columns: int
+) -> tuple[Tensor, list[Tensor]]:
+    """Semantics: gates ``(B, N)`` with gates[rows_k, columns_k] = route_prompts(hidden[rows_k]) per group, 0 elsewhere.
+
+    How a layer shared by several MiLoRA adapters routes a batch: one routing per adapter over its own rows, each
+    adapter's experts scattered into their columns of one gates tensor (differentiable, so training and serving
+    share it). Also returns each group's router probabilities, for the load-balance loss.
+    """
+    gates = hidden.new_zeros(hidden.shape[0], num_columns, dtype=torch.float32)
+    probs_per_group = []
+    for router, rows, columns in groups:
+        if rows is None:
+            probs, routed = route_prompts(hidden, prompt_mask, router)
+            gates = gates.index_copy(1, columns, routed)
+        else:
+            probs, routed = route_prompts(hidden.index_select(0, rows), prompt_mask.index_select(0, rows), router)
+            gates = gates.index_put((rows[:, None], columns[None, :]), routed)
+        probs_per_group.append(probs)
+    return gates, probs_per_group
+
+
+def expert_row_scales(gates: Tensor, lora_rows: Optional[Tensor]) -> Tensor:
+    """Semantics: the row scale of a LoRA bank that MiLoRA experts share with plain LoRA adapters: the router gate on
+    MiLoRA rows, 1 on plain LoRA rows (``lora_rows`` ``(B,)`` bool; None when there are none)."""
+    if lora_rows is None:
+        return gates
+    return torch.where(lora_rows[:, None], torch.ones_like(gates), gates)
+
+
 def load_balance_loss(probs: Tensor) -> Tensor:
     """Semantics: L_lb = N Σ_i f_i p̄_i (Switch Transformer form): f_i the share of prompts whose argmax is expert i,
     p̄_i the mean router probability of expert i, over the rows of ``probs`` ``(B, N)``.
@@ -209,8 +269,6 @@ def _rows_delta(x: Tensor, bank_a: Tensor, bank_b: Tensor, indices: Optional[Ten
     if indices is None:
         delta = (x @ bank_a.to(x.dtype).t()) @ bank_b.to(x.dtype)
     else:
-        from .lora import lora_bmm_delta
-
         delta = lora_bmm_delta(x, bank_a, bank_b, indices)
     return delta * gate.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
