@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 StepObserver = Callable[[str, int, float, bool], None]
 
+COLD_ADAPTER_WAIT_S = 0.5
+"""The longest the scheduler waits for a cold adapter before it looks again; a safety net only, as the adapter store
+wakes it (``store.load_finished``) the moment a device load ends."""
+
 
 @dataclass
 class EngineLimits:
@@ -101,6 +105,7 @@ class LLMEngine:
         self._cancelled: set[int] = set()
         self._running: Optional[Batch] = None
         self._cond = threading.Condition()
+        store.load_finished = self._cond  # a finished device load wakes the scheduler (see _loop)
         self._accepting = True
         self._stop = False
         self.steps = 0
@@ -115,6 +120,12 @@ class LLMEngine:
     def adapter_names(self) -> list[str]:
         return self.store.names()
 
+    def has_adapter(self, name: str) -> bool:
+        """Whether ``name`` is a loaded adapter: the adapter store answers for the validator (through the HTTP
+        layer) and :meth:`generate`; a queued request whose adapter was unloaded since fails at admission, where
+        ``store.acquire`` checks again under the store's lock."""
+        return self.store.has(name)
+
     def stats(self) -> dict[str, int]:
         with self._cond:
             return {
@@ -127,7 +138,7 @@ class LLMEngine:
             }
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StepOutput]:
-        if request.adapter_id and not self.store.has(request.adapter_id):
+        if request.adapter_id and not self.has_adapter(request.adapter_id):
             raise ValidationError(f"unknown adapter_id {request.adapter_id!r}; loaded adapters: {self.store.names()}")
         entry = _Entry(request, asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
@@ -191,13 +202,15 @@ class LLMEngine:
                     return
                 self._drop_cancelled()
                 admitted = self._admit()
-                retry_soon = bool(self._waiting) and not admitted
+                if not admitted and self._running is None and self._waiting:
+                    # every waiting request waits on a cold adapter's device load: the store notifies this
+                    # condition when one ends (as do new requests, cancellations and shutdown); wait, not spin
+                    self._cond.wait(COLD_ADAPTER_WAIT_S)
+                    continue
             if admitted:
                 self._prefill(admitted)
             if self._running is not None:
                 self._decode()
-            elif retry_soon:
-                time.sleep(0.002)  # waiting on a cold adapter's device load
 
     def _running_budget(self) -> int:
         if self._running is None:
@@ -229,7 +242,7 @@ class LLMEngine:
                 continue
             try:
                 ready = self._bind_adapter(entry)
-            except AdapterError as exc:  # unloaded while queued
+            except AdapterError as exc:  # unloaded while queued: store.acquire's check, under the store's lock
                 self._fail([entry], ValidationError(str(exc)))
                 continue
             if not ready:

@@ -13,7 +13,6 @@ A processor only touches the rows that asked for it, so a row's result never dep
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -23,7 +22,7 @@ import tokenizers
 import torch
 from torch import Tensor
 
-from serving.types import FinishReason, SamplingParameters, StoppingParameters
+from serving.types import FinishReason, SamplingParameters, StoppingParameters, random_seed
 
 __all__ = [
     "HeterogeneousNextTokenChooser",
@@ -62,7 +61,7 @@ class _Row:
     @classmethod
     def from_params(cls, params: SamplingParameters, device: torch.device) -> _Row:
         _validate(params)
-        seed = params.seed if params.seed is not None else secrets.randbits(64)
+        seed = params.seed if params.seed is not None else random_seed()
         do_sample = not params.is_greedy
         generator = None
         if do_sample:

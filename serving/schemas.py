@@ -23,6 +23,8 @@ from pydantic import (
     model_serializer,
 )
 
+from serving.types import MAX_SEED
+
 FinishReasonStr = Literal["length", "eos_token", "stop_sequence"]
 
 
@@ -55,6 +57,7 @@ I32 = Annotated[StrictInt, Field(ge=-(2**31), le=2**31 - 1)]
 U32 = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
 U64 = Annotated[StrictInt, Field(ge=0, le=2**64 - 1)]
 USize = U64
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]  # a u64, as TGI's
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -85,7 +88,7 @@ class GenerateParameters(BaseModel):
     watermark: StrictBool = False
     details: StrictBool = False
     decoder_input_details: StrictBool = False
-    seed: Optional[U64] = None
+    seed: Optional[Seed] = None
     top_n_tokens: Optional[U32] = None
     grammar: Optional[Grammar] = None
     adapter_id: Optional[str] = None
@@ -292,7 +295,7 @@ class _OpenAIRequest(BaseModel):
     temperature: Optional[Finite] = None
     top_p: Optional[Finite] = None
     stop: Union[str, list[str], None] = None
-    seed: Optional[U64] = None
+    seed: Optional[Seed] = None
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     frequency_penalty: Optional[Finite] = None

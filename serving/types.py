@@ -6,6 +6,7 @@ Field names follow TGI's router (``router/src/lib.rs``) so the HTTP layer maps t
 from __future__ import annotations
 
 import itertools
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, Optional, Protocol
 
@@ -16,6 +17,17 @@ _request_ids = itertools.count()
 
 def next_request_id() -> int:
     return next(_request_ids)
+
+
+SEED_BITS = 64
+MAX_SEED = (1 << SEED_BITS) - 1
+"""Sampling seeds are TGI's ``u64``: 0 to ``MAX_SEED`` (2**64 - 1), the range ``torch.Generator.manual_seed`` takes;
+requests are validated against it and the seeds the server draws lie in it."""
+
+
+def random_seed() -> int:
+    """A fresh sampling seed, anywhere in 0..``MAX_SEED``."""
+    return secrets.randbits(SEED_BITS)
 
 
 @dataclass
@@ -153,6 +165,9 @@ class Engine(Protocol):
         ...
 
     def adapter_names(self) -> list[str]: ...
+
+    # Optional: ``has_adapter(name) -> bool``, the engine's own adapter check (LLMEngine's asks its adapter store);
+    # the validator then calls it instead of looking the name up in ``adapter_names()``.
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Hot-load a PEFT-format folder under the configured roots; raises AdapterError with a clear message."""

@@ -8,7 +8,6 @@ is TGI's, so a request with several faults gets the same message from both serve
 from __future__ import annotations
 
 import functools
-import random
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
@@ -19,16 +18,12 @@ from serving.types import (
     StoppingParameters,
     ValidationError,
     next_request_id,
+    random_seed,
 )
 
 # TGI caps the implicit `max_new_tokens` (when the client sends null) at this many tokens.
 DEFAULT_GENERATION_LENGTH = 1024
 BASE_MODEL_ALIASES = frozenset({"", "tgi"})
-
-
-def random_seed() -> int:
-    """A fresh sampling seed; 63 bits so it stays a valid signed 64-bit integer for torch and numpy."""
-    return random.SystemRandom().getrandbits(63)
 
 
 class Validator:

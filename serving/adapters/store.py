@@ -80,6 +80,9 @@ class AdapterStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
         self.loads = 0  # device loads done, for tests and metrics
         self.evictions = 0
+        self.load_finished: Optional[threading.Condition] = None
+        """Notified (``notify_all``) each time a device load ends, loaded or failed: the engine's scheduler waits on
+        it while its queued requests wait for cold adapters (:meth:`acquire` returned None)."""
 
     # ------------------------------------------------------------------------------------------ registry
     def _check_root(self, folder: Path) -> None:
@@ -267,6 +270,15 @@ class AdapterStore:
         finally:
             with self._lock:
                 self._loading.pop(name, None)
+            self._notify_load_finished()
+
+    def _notify_load_finished(self) -> None:
+        """Wake the waiters of :attr:`load_finished`; outside the store's lock, as the engine's scheduler calls into
+        the store while it holds that condition."""
+        condition = self.load_finished
+        if condition is not None:
+            with condition:
+                condition.notify_all()
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.api import admin_routes, openai_routes, tgi_routes
 from serving.api.errors import ApiError, error_response, http_error_response, request_error_response
-from serving.api.state import VERSION, AppState
+from serving.api.state import VERSION, AppContext
 from serving.settings import ServerSettings
 from serving.types import Engine, FloraServeError
 
@@ -75,7 +75,7 @@ class PayloadLimit:
 
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     """The ASGI app; ``engine.shutdown`` runs when the server stops (graceful shutdown)."""
-    state = AppState(engine, settings)
+    state = AppContext(engine, settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

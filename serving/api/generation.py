@@ -1,4 +1,5 @@
-"""Driving ``engine.generate``: open a request, read its steps, run several sequences (``best_of``, ``n``) at once.
+"""Driving ``engine.generate``: open a request, read its steps, run several sequences (``best_of``, ``n``) at once,
+and turn a stream's steps into event payloads (``step_events``; :mod:`serving.api.sse` frames them).
 
 Shared by the TGI and OpenAI routes. Every iterator is closed on the way out, so the engine frees the batch row
 of a request whose client went away; failures come out as ``FloraServeError``.
@@ -10,8 +11,9 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
+from serving.api.errors import error_payload
 from serving.types import (
     Engine,
     FloraServeError,
@@ -188,6 +190,41 @@ class Generation:
 def finish_reason(step: StepOutput) -> str:
     """TGI's finish reason; a step that ended without one reads ``length``."""
     return step.finish_reason or "length"
+
+
+Render = Callable[[int, StepOutput, Generation], Any]  # (choice index, step, its sequence so far) -> event payload
+
+
+async def step_events(
+    started: list[tuple[GenerationRequest, StepOutput]],
+    steps: AsyncIterator[tuple[int, StepOutput]],
+    render: Render,
+    *,
+    succeeded: Callable[[Generation], None],
+    failed: Callable[[FloraServeError], None],
+) -> AsyncIterator[Any]:
+    """The event loop of every stream: one event payload per step, ``succeeded`` called when the last sequence
+    finishes.
+
+    ``started`` holds each sequence's request and first step, ``steps`` yields ``(sequence index, step)`` from that
+    first step on. An error after the first byte is reported to ``failed`` and ends the stream with TGI's
+    ``{"error", "error_type"}`` payload. :class:`serving.api.sse.EventStream` frames the payloads.
+    """
+    gens = [Generation.begin(request, first) for request, first in started]
+    remaining = len(gens)
+    try:
+        async for index, step in steps:
+            gen = gens[index]
+            if gen.add(step):
+                remaining -= 1
+                if not remaining:
+                    succeeded(gen)
+            yield render(index, step, gen)
+    except FloraServeError as exc:
+        failed(exc)
+        yield error_payload(exc)
+    finally:
+        await aclose(steps)
 
 
 async def collect(engine: Engine, request: GenerationRequest) -> Generation:

@@ -14,10 +14,19 @@ from fastapi.responses import JSONResponse, Response
 
 from serving.api.auth import require_api_key
 from serving.api.errors import ApiError
-from serving.api.generation import Generation, Opened, collect_all, finish_reason, merge_streams, open_all
+from serving.api.generation import (
+    Generation,
+    Opened,
+    Render,
+    collect_all,
+    finish_reason,
+    merge_streams,
+    open_all,
+    step_events,
+)
 from serving.api.openapi_docs import GENERATION_ERRORS, JSON_OR_EVENTS, errors
-from serving.api.sse import EventStream, Render, step_events
-from serving.api.state import AppState, State, Timing
+from serving.api.sse import EventStream
+from serving.api.state import AppContext, State, Timing
 from serving.api.tgi_routes import tokens_with_offsets
 from serving.schemas import (
     ChatCompletion,
@@ -40,7 +49,7 @@ from serving.schemas import (
     TopLogprob,
     Usage,
 )
-from serving.types import GenerationRequest, StepOutput, TokenInfo, ValidationError
+from serving.types import MAX_SEED, GenerationRequest, StepOutput, TokenInfo, ValidationError
 from serving.validation import fork
 
 router = APIRouter()
@@ -86,12 +95,12 @@ def refuse_unsupported(body: Any) -> None:
         raise ValidationError("`logprobs` is not supported on /v1/completions; use /v1/chat/completions")
 
 
-def _choices(state: AppState, request: GenerationRequest, n: int) -> list[GenerationRequest]:
-    """``n`` sequences of one prompt, seeded ``seed``, ``seed + 1``..."""
+def _choices(state: AppContext, request: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """``n`` sequences of one prompt, seeded ``seed``, ``seed + 1``... (wrapping round past ``MAX_SEED``)."""
     if n > state.settings.max_client_batch_size:
         raise ValidationError(f"`n` must be <= {state.settings.max_client_batch_size}. Given: {n}")
     seed = request.sampling.seed if request.sampling.seed is not None else 0
-    return [request] + [fork(request, seed=seed + i) for i in range(1, n)]
+    return [request] + [fork(request, seed=(seed + i) & MAX_SEED) for i in range(1, n)]
 
 
 def openai_finish(step: StepOutput) -> str:
@@ -172,24 +181,30 @@ def _reject_unsupported(body: ChatRequest) -> None:
 
 
 def _stream_choices(
-    state: AppState, timing: Timing, requests: list[GenerationRequest], opened: list[Opened], render: Render
+    state: AppContext, timing: Timing, requests: list[GenerationRequest], opened: list[Opened], render: Render
 ) -> EventStream:
     """The choices' chunks as they come (``render(index, step, gen)`` makes each), then ``[DONE]``."""
     started = [(r, first) for r, (first, _) in zip(requests, opened)]
-    events = step_events(state, timing, started, merge_streams(opened), render, space=True, done=True)
-    return state.event_stream(events)
+    events = step_events(
+        started,
+        merge_streams(opened),
+        render,
+        succeeded=lambda gen: state.requests.succeeded(timing, gen),
+        failed=state.requests.failed,
+    )
+    return state.event_stream(events, space=True, done=True)
 
 
-async def _collect_choices(state: AppState, timing: Timing, requests: list[GenerationRequest]) -> list[Generation]:
-    with state.track_failures():
+async def _collect_choices(state: AppContext, timing: Timing, requests: list[GenerationRequest]) -> list[Generation]:
+    with state.requests.track_failures():
         gens = await collect_all(state.engine, requests)
-    state.succeeded(timing, gens[0])  # one HTTP request, one success (as TGI counts a best_of request)
+    state.requests.succeeded(timing, gens[0])  # one HTTP request, one success (as TGI counts a best_of request)
     return gens
 
 
-async def chat_completions(state: AppState, body: ChatRequest) -> Response:
-    timing = state.start_request()
-    with state.track_failures():
+async def chat_completions(state: AppContext, body: ChatRequest) -> Response:
+    timing = state.requests.start()
+    with state.requests.track_failures():
         _reject_unsupported(body)
         prompt, special = chat_prompt(state.engine.tokenizer, body)
         top_n = body.top_logprobs if body.logprobs else None
@@ -240,12 +255,12 @@ async def chat_completions(state: AppState, body: ChatRequest) -> Response:
         ],
         usage=_usage(len(request.input_ids), sum(g.generated_tokens for g in gens)),
     )
-    return JSONResponse(answer.model_dump(), headers=state.timing_headers(timing, gens[0], prompt))
+    return JSONResponse(answer.model_dump(), headers=state.requests.timing_headers(timing, gens[0], prompt))
 
 
-async def completions(state: AppState, body: CompletionRequest) -> Response:
-    timing = state.start_request()
-    with state.track_failures():
+async def completions(state: AppContext, body: CompletionRequest) -> Response:
+    timing = state.requests.start()
+    with state.requests.track_failures():
         if body.suffix is not None:
             raise ApiError(
                 "Suffix is not supported and can be achieved by preprocessing the prompt.", 422, "suffix not supported"
@@ -291,7 +306,7 @@ async def completions(state: AppState, body: CompletionRequest) -> Response:
         usage=_usage(prompt_tokens, sum(g.generated_tokens for g in gens)),
         **fields,
     )
-    return JSONResponse(answer.model_dump(), headers=state.timing_headers(timing, gens[0], prompts[0]))
+    return JSONResponse(answer.model_dump(), headers=state.requests.timing_headers(timing, gens[0], prompts[0]))
 
 
 # -------------------------------------------------------------------------------------------------- routes

@@ -1,21 +1,16 @@
-"""Server-sent events: framing, the keep-alive response, and the loop that turns engine steps into events."""
+"""Server-sent events: framing (``data:`` lines, ``[DONE]``, keep-alive comments) and the response that sends them."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from serving.api.errors import error_payload, failure_label
-from serving.api.generation import Generation, aclose, cancel_all
-from serving.types import FloraServeError, GenerationRequest, StepOutput
-
-if TYPE_CHECKING:
-    from serving.api.state import AppState, Timing
+from serving.api.generation import aclose, cancel_all
 
 logger = logging.getLogger(__name__)
 
@@ -30,57 +25,31 @@ def sse(payload: Any, *, space: bool = False) -> bytes:
     return (b"data: " if space else b"data:") + body.encode() + b"\n\n"
 
 
-Render = Callable[[int, StepOutput, Generation], Any]  # (choice index, step, its sequence so far) -> event payload
-
-
-async def step_events(
-    state: AppState,
-    timing: Timing,
-    started: list[tuple[GenerationRequest, StepOutput]],
-    steps: AsyncIterator[tuple[int, StepOutput]],
-    render: Render,
-    *,
-    space: bool = False,
-    done: bool = False,
-) -> AsyncIterator[bytes]:
-    """The event loop of every stream: one event per step, success counted when the last sequence finishes.
-
-    ``started`` holds each sequence's request and first step, ``steps`` yields ``(sequence index, step)`` from that
-    first step on. An error after the first byte ends the stream with TGI's ``{"error", "error_type"}`` event;
-    ``done`` adds the OpenAI routes' ``[DONE]`` after the last event either way.
-    """
-    gens = [Generation.begin(request, first) for request, first in started]
-    remaining = len(gens)
-    try:
-        async for index, step in steps:
-            gen = gens[index]
-            if gen.add(step):
-                remaining -= 1
-                if not remaining:
-                    state.succeeded(timing, gen)
-            yield sse(render(index, step, gen), space=space)
-    except FloraServeError as exc:
-        state.metrics.request_failed(failure_label(exc))
-        yield sse(error_payload(exc), space=space)
-    finally:
-        await aclose(steps)
-    if done:
-        yield DONE
-
-
 class EventStream(Response):
     """Server-sent events with TGI's keep-alive comments that stop as soon as the client goes away.
 
-    The producer (our event generator, which holds the engine iterator) runs as its own task; a second task
-    watches for ``http.disconnect``. When the client leaves, the producer is cancelled and the event generator
-    closes the engine iterator, so the engine frees the row at its next step whatever the ASGI server does.
+    ``events`` yields payloads, each sent as one ``data:`` event (``data: `` with ``space``, as the OpenAI routes);
+    ``done`` adds OpenAI's ``[DONE]`` once they have all been sent. The producer (our event generator, which holds
+    the engine iterator) runs as its own task; a second task watches for ``http.disconnect``. When the client
+    leaves, the producer is cancelled and the event generator closes the engine iterator, so the engine frees the
+    row at its next step whatever the ASGI server does.
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str], keep_alive: float = 15.0) -> None:
+    def __init__(
+        self,
+        events: AsyncIterator[Any],
+        headers: dict[str, str],
+        keep_alive: float = 15.0,
+        *,
+        space: bool = False,
+        done: bool = False,
+    ) -> None:
         self.events = events
         self.keep_alive = keep_alive
+        self.space = space
+        self.done = done
         self.status_code = 200
         self.background = None
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
@@ -119,8 +88,10 @@ class EventStream(Response):
 
     async def _produce(self, queue: asyncio.Queue) -> None:
         try:
-            async for chunk in self.events:
-                queue.put_nowait(chunk)
+            async for payload in self.events:
+                queue.put_nowait(sse(payload, space=self.space))
+            if self.done:
+                queue.put_nowait(DONE)
         except Exception:
             logger.exception("event stream failed")
         queue.put_nowait(_END)

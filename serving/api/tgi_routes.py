@@ -15,10 +15,17 @@ from fastapi.responses import JSONResponse, Response
 
 from serving.api.auth import require_api_key
 from serving.api.errors import ApiError
-from serving.api.generation import Generation, collect_all, finish_reason, open_stream, sequence_steps
+from serving.api.generation import (
+    Generation,
+    collect_all,
+    finish_reason,
+    open_stream,
+    sequence_steps,
+    step_events,
+)
 from serving.api.openapi_docs import EVENTS, GENERATION_ERRORS, JSON_OR_EVENTS, NO_BODY, PROMETHEUS, errors
-from serving.api.sse import EventStream, step_events
-from serving.api.state import AppState, State
+from serving.api.sse import EventStream
+from serving.api.state import AppContext, State
 from serving.metrics import CONTENT_TYPE
 from serving.schemas import (
     BestOfSequence,
@@ -86,12 +93,12 @@ def _prefix(req: GenerateRequest, default_full_text: bool) -> str:
 
 
 async def generate(
-    state: AppState, req: GenerateRequest, return_full_text: bool = False
+    state: AppContext, req: GenerateRequest, return_full_text: bool = False
 ) -> tuple[GenerateResponse, dict[str, str]]:
     """``/generate``: one sequence, or ``best_of`` sampled ones with the best (mean logprob) first."""
-    timing = state.start_request()
+    timing = state.requests.start()
     params = req.parameters
-    with state.track_failures():
+    with state.requests.track_failures():
         best_of = params.best_of if params.best_of is not None else 1
         if best_of > 1:
             state.validator.validate_best_of(best_of)
@@ -103,16 +110,16 @@ async def generate(
     details = None
     if params.details or params.decoder_input_details:
         details = _details(gens[best], [g for i, g in enumerate(gens) if i != best] if best_of > 1 else None, prefix)
-    state.succeeded(timing, gens[best])
-    headers = state.timing_headers(timing, gens[best], req.inputs)
+    state.requests.succeeded(timing, gens[best])
+    headers = state.requests.timing_headers(timing, gens[best], req.inputs)
     return GenerateResponse(generated_text=prefix + gens[best].text, details=details), headers
 
 
-async def generate_stream(state: AppState, req: GenerateRequest, return_full_text: bool = False) -> EventStream:
+async def generate_stream(state: AppContext, req: GenerateRequest, return_full_text: bool = False) -> EventStream:
     """``/generate_stream``: one ``StreamResponse`` event a token; the last has the text and ``details``."""
-    timing = state.start_request()
+    timing = state.requests.start()
     params = req.parameters
-    with state.track_failures():
+    with state.requests.track_failures():
         state.validator.validate_stream(params)
         request = await state.validate(req.inputs, params)
         timing.validated = time.monotonic()
@@ -136,7 +143,13 @@ async def generate_stream(state: AppState, req: GenerateRequest, return_full_tex
             index=len(gen.tokens), token=token, top_tokens=tops, generated_text=prefix + gen.text, details=details
         )
 
-    events = step_events(state, timing, [(request, first)], sequence_steps(first, iterator), render)
+    events = step_events(
+        [(request, first)],
+        sequence_steps(first, iterator),
+        render,
+        succeeded=lambda gen: state.requests.succeeded(timing, gen),
+        failed=state.requests.failed,
+    )
     return state.event_stream(events, {"x-compute-characters": str(len(req.inputs))})
 
 
@@ -175,7 +188,7 @@ async def compat_route(req: CompatGenerateRequest, state: State) -> Response:
 
 
 async def tokens_with_offsets(
-    state: AppState, text: str, truncate: Optional[int] = None, add_special_tokens: bool = True
+    state: AppContext, text: str, truncate: Optional[int] = None, add_special_tokens: bool = True
 ) -> TokenizeResponse:
     """``text``'s tokens with their character spans (TGI's ``/tokenize``), tokenized in the validation pool."""
     tokenizer = state.engine.tokenizer

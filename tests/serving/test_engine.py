@@ -441,3 +441,105 @@ def test_a_prompt_of_only_special_tokens_is_served_and_an_empty_one_refused(adap
         assert (
             http.post("/generate", json={"inputs": "def f(", "parameters": {"max_new_tokens": 2}}).status_code == 200
         )
+
+
+# ------------------------------------------------------------------------------------- cold adapters, no busy wait
+
+
+def slow_device_loads(engine, monkeypatch, seconds: float = 0.3, fail_first: bool = False) -> dict:
+    """Device loads that take ``seconds`` (the first one failing, with ``fail_first``), and the scheduler's calls
+    to ``_admit`` (one a loop iteration) timed; the safety-net timeout is made long, so only a wake-up helps."""
+    import threading
+    import time
+
+    import serving.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "COLD_ADAPTER_WAIT_S", 60.0)
+    store, seen = engine.store, {"admits": [], "loads": [], "started": threading.Event()}
+    load, slot_layers, admit = store._load, store._slot_layers, engine._admit
+
+    def failing_slot_layers():
+        if fail_first and len(seen["loads"]) == 1:
+            raise RuntimeError("the device refused the copy")
+        return slot_layers()
+
+    def slow_load(name, slot, weights):
+        start = time.monotonic()
+        seen["loads"].append([start, None])
+        seen["started"].set()
+        time.sleep(seconds)
+        try:
+            return load(name, slot, weights)
+        finally:
+            seen["loads"][-1][1] = time.monotonic()
+
+    def counted_admit():
+        seen["admits"].append(time.monotonic())
+        return admit()
+
+    monkeypatch.setattr(store, "_load", slow_load)
+    monkeypatch.setattr(store, "_slot_layers", failing_slot_layers)
+    monkeypatch.setattr(engine, "_admit", counted_admit)
+    return seen
+
+
+def admits_during_loads(seen: dict) -> int:
+    return sum(1 for t in seen["admits"] for start, end in seen["loads"] if start <= t <= end)
+
+
+def test_a_request_for_a_cold_adapter_is_served_without_a_busy_wait(adapter_dir, monkeypatch) -> None:
+    """The scheduler waits on its condition while the adapter's device load runs; the store wakes it when the load
+    ends (the loop spun every 2 ms before: some 150 iterations in a 0.3 s load)."""
+    engine = make_engine(adapter_dir)
+    reference = make_engine(adapter_dir, ["lora"])  # the adapter warm from the start
+
+    async def main():
+        expected = [o.token.id for o in await collect(reference, request("def add(", "lora", max_new_tokens=6))]
+        await engine.load_adapter("lora", str(adapter_dir / "lora"))  # registered, not on the device: cold
+        seen = slow_device_loads(engine, monkeypatch)
+        outs = await asyncio.wait_for(collect(engine, request("def add(", "lora", max_new_tokens=6)), 10)
+        await engine.shutdown()
+        await reference.shutdown()
+        return expected, outs, seen
+
+    expected, outs, seen = run(main())
+    assert [o.token.id for o in outs] == expected and outs[-1].finish_reason == "length"
+    assert len(seen["loads"]) == 1 and engine.store.loads == 1
+    assert admits_during_loads(seen) <= 3, seen
+
+
+def test_a_failed_device_load_wakes_the_scheduler_to_try_again(adapter_dir, monkeypatch) -> None:
+    engine = make_engine(adapter_dir)
+
+    async def main():
+        await engine.load_adapter("lora", str(adapter_dir / "lora"))
+        seen = slow_device_loads(engine, monkeypatch, seconds=0.2, fail_first=True)
+        outs = await asyncio.wait_for(collect(engine, request("def add(", "lora", max_new_tokens=3)), 10)
+        await engine.shutdown()
+        return outs, seen
+
+    outs, seen = run(main())
+    assert len(outs) == 3 and outs[-1].finish_reason == "length"
+    assert len(seen["loads"]) == 2 and engine.store.loads == 1  # the first copy failed, the second served it
+    assert admits_during_loads(seen) <= 5, seen
+
+
+def test_a_queued_request_whose_adapter_is_unloaded_during_its_load_fails(adapter_dir, monkeypatch) -> None:
+    """Admission fails it with the store's error (a 422 ``ValidationError``), woken by the aborted load."""
+    engine = make_engine(adapter_dir)
+
+    async def main():
+        await engine.load_adapter("lora", str(adapter_dir / "lora"))
+        seen = slow_device_loads(engine, monkeypatch)
+        waiting = asyncio.ensure_future(collect(engine, request("def add(", "lora")))
+        assert await asyncio.to_thread(seen["started"].wait, 10)
+        await engine.unload_adapter("lora")
+        with pytest.raises(ValidationError, match=r"^unknown adapter 'lora'; loaded adapters: \[\]$"):
+            await asyncio.wait_for(waiting, 10)
+        stats = engine.stats()
+        await engine.shutdown()
+        return stats
+
+    stats = run(main())
+    assert stats["in_flight"] == 0 and stats["queue_size"] == 0
+    assert engine.store.resident() == {} and engine.store._pins == {}

@@ -63,6 +63,8 @@ def test_chat_n_logprobs_and_sampling(server, client):
     assert [c.index for c in out.choices] == [0, 1]
     seeds = [r.sampling.seed for r in server.engine.requests[-2:]]
     assert seeds == [5, 6] and server.engine.requests[-1].sampling.top_p is None
+    client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=1, n=2, seed=2**64 - 1)
+    assert [r.sampling.seed for r in server.engine.requests[-2:]] == [2**64 - 1, 0]  # u64 seeds wrap round
     content = out.choices[0].logprobs.content
     assert len(content) == 3 and len(content[0].top_logprobs) == 2
     chunks = list(client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=2, n=2, stream=True))

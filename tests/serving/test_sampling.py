@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
 )
 
 from serving.sampling import HeterogeneousNextTokenChooser, IncrementalDetokenizer, StoppingCriteria, top_n_tokens
-from serving.types import SamplingParameters, StoppingParameters
+from serving.types import MAX_SEED, SamplingParameters, StoppingParameters
 
 VOCAB = 64
 
@@ -316,6 +316,17 @@ def test_random_seed_is_reported_and_reproduces() -> None:
     logits = torch.zeros(2, 1000)
     draws = [int(first([[], []], logits)[0][1]) for _ in range(5)]
     assert draws == [int(replay([[]], logits[1:])[0][0]) for _ in range(5)]
+
+
+def test_both_ends_of_the_seed_range_seed_a_generator() -> None:
+    """torch.Generator.manual_seed takes every u64: seeds 0 and MAX_SEED sample, are reported and reproduce."""
+    ends = [SamplingParameters(do_sample=True, seed=seed) for seed in (0, MAX_SEED)]
+    chooser, replay = HeterogeneousNextTokenChooser(ends), HeterogeneousNextTokenChooser(ends)
+    assert chooser.seeds == [0, MAX_SEED]
+    logits = torch.zeros(2, 1000)
+    draws = [chooser([[], []], logits)[0].tolist() for _ in range(3)]
+    assert draws == [replay([[], []], logits)[0].tolist() for _ in range(3)]
+    assert all(0 <= seed <= MAX_SEED for seed in HeterogeneousNextTokenChooser([SamplingParameters()] * 8).seeds)
 
 
 def test_sampling_follows_the_distribution() -> None:

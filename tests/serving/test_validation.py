@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pydantic
 import pytest
 
-from serving.schemas import GenerateParameters, GenerateRequest
-from serving.types import ValidationError
+from serving.schemas import ChatRequest, GenerateParameters, GenerateRequest
+from serving.types import MAX_SEED, ValidationError, random_seed
 from serving.validation import DEFAULT_GENERATION_LENGTH, Validator, fork
 from tests.serving.fake_engine import MODEL_ID, make_tokenizer
 
@@ -138,3 +139,19 @@ def test_fork_changes_id_and_seed(validator):
     other = fork(request)
     assert other.id != request.id and other.input_ids == request.input_ids
     assert fork(request, seed=7).sampling.seed == 7
+
+
+def test_seeds_are_tgis_u64_at_both_ends(validator):
+    """One seed range, TGI's u64: both ends are accepted (TGI and OpenAI routes) and the drawn seeds use all of it."""
+    assert MAX_SEED == 2**64 - 1
+    for seed in (0, MAX_SEED):
+        assert validator.validate("hi", params(do_sample=True, seed=seed)).sampling.seed == seed
+        assert ChatRequest(messages=[{"role": "user", "content": "hi"}], seed=seed).seed == seed
+    for seed in (-1, MAX_SEED + 1):
+        with pytest.raises(pydantic.ValidationError):
+            params(seed=seed)
+        with pytest.raises(pydantic.ValidationError):
+            ChatRequest(messages=[{"role": "user", "content": "hi"}], seed=seed)
+    drawn = [random_seed() for _ in range(64)] + [validator.validate("hi", params(do_sample=True)).sampling.seed]
+    assert all(0 <= seed <= MAX_SEED for seed in drawn)
+    assert max(drawn) > 2**63  # 64 bits, not 63 (all 65 below 2**63: a chance of 2**-65)
