@@ -390,8 +390,12 @@ def load_model_and_tokenizer(
     dtype: Optional[str] = None,
     quantize: Optional[str] = None,
     cache_dir: Optional[str] = None,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
 ):
-    """Load a causal LM from a local folder or the hub, with a message that says what to do offline."""
+    """Load a causal LM from a local folder or the hub, with a message that says what to do offline. ``revision``
+    and ``trust_remote_code`` are TGI's ``--revision`` (a hub branch, tag or commit; a local folder has none) and
+    ``--trust-remote-code`` (run the model's and tokenizer's own Python code), for both the model and tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if device.type == "cuda" else torch.float32)
@@ -403,8 +407,9 @@ def load_model_and_tokenizer(
 
         extra = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": str(device)}}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id, cache_dir=cache_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, cache_dir=cache_dir, **extra)
+        hub = {"cache_dir": cache_dir, "revision": revision, "trust_remote_code": trust_remote_code}
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **hub)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, **hub, **extra)
     except OSError as exc:
         raise SystemExit(
             f"could not load model {model_id!r}: {exc}\nWithout network access, pass --model-id a local folder "
@@ -439,7 +444,13 @@ def build_engine(settings) -> LLMEngine:
     """The engine ``flora-serve`` runs: model and tokenizer from ``settings.model_id``, start-up adapters loaded."""
     device = resolve_device(settings.device)
     model, tokenizer = load_model_and_tokenizer(  # TGI's --huggingface-hub-cache: where hub files are read/written
-        settings.model_id, device, settings.dtype, settings.quantize, cache_dir=settings.huggingface_hub_cache
+        settings.model_id,
+        device,
+        settings.dtype,
+        settings.quantize,
+        cache_dir=settings.huggingface_hub_cache,
+        revision=settings.revision,
+        trust_remote_code=settings.trust_remote_code,
     )
     _, max_total = settings.token_limits(getattr(model.config, "max_position_embeddings", None))
     local = [p for p in settings.lora_adapters.values() if not is_hub_id(p)]
