@@ -1,4 +1,4 @@
-"""Time ONE adapted linear layer at StarCoder 1B/3B/15B widths, every example with its own adapter (DESIGN §2).
+"""Time ONE adapted linear layer at StarCoder 1B/3B/15B widths, every example with its own adapter (docs/DESIGN.md §2).
 
 Side by side in one run, interleaved round-robin so that machine noise hits every method alike: the base layer,
 FLoRA by each exact path (and by ``path="auto"``, recording the path the cost model picked), the torch.bmm LoRA of

@@ -3,26 +3,26 @@
 Rows are left-padded: every row's next token sits in the last column, so one decode step is a single forward of
 ``(B, 1)`` tokens whatever the prompt lengths. Each row carries its adapter slot, sampling state and stop criteria.
 
-MiLoRA rows are routed once, at prefill: the gates of each transformer layer (``milora_gates``, ``(B, N)``, zero
-for rows without MiLoRA) live here beside the KV cache, and ``filter`` / ``concatenate`` carry them row for row.
+MiLoRA rows are routed once, at prefill: the batch's :class:`~serving.step_metadata.MiLoRARouting` (the gates of
+each transformer layer, zero for rows without MiLoRA) lives here beside the KV cache, the model's routers write it
+and its experts read it, and ``filter`` / ``concatenate`` carry it row for row.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from flora_hf.ops.milora import RoutedGates
-
 from .sampling import HeterogeneousNextTokenChooser, IncrementalDetokenizer, StoppingCriteria
+from .step_metadata import MiLoRARouting
 from .types import GenerationRequest
 
-_STEP_FIELDS = ("cache", "input_ids", "attention_mask", "position_ids", "prefill_done", "expert_gates")
+_STEP_FIELDS = ("cache", "input_ids", "attention_mask", "position_ids")
 """Batch fields a step reassigns (it never writes into their tensors)."""
 
 
@@ -33,8 +33,6 @@ class StepSnapshot:
     fields: dict[str, object]
     cache_layers: Optional[list[tuple[torch.Tensor, torch.Tensor]]]
     generators: list[tuple[torch.Generator, torch.Tensor]]
-    token_lengths: list[int]
-    generated: list[int]
     stopping: list[tuple[int, int]]
     detokenizers: list[tuple[int, int, int]]
 
@@ -49,6 +47,14 @@ class RowAdapter:
     rank: int = 0
 
 
+def lora_row_mask(adapters: list[RowAdapter], device: torch.device) -> Optional[Tensor]:
+    """``(B,)`` bool, True on plain LoRA rows (None when there are none): they share the LoRA banks with MiLoRA's
+    experts at scale 1."""
+    if not any(a.method == "lora" for a in adapters):
+        return None
+    return torch.tensor([a.method == "lora" for a in adapters], device=device)
+
+
 @dataclass
 class Batch:
     requests: list[GenerationRequest]
@@ -56,22 +62,23 @@ class Batch:
     input_ids: Tensor  # (B, L): the tokens the next forward consumes
     attention_mask: Tensor  # (B, past + L)
     position_ids: Tensor  # (B, L)
-    token_ids: list[list[int]]  # prompt + generated, per row (penalties, stop checks)
     chooser: HeterogeneousNextTokenChooser
     stopping: list[StoppingCriteria]
-    detokenizers: list[IncrementalDetokenizer]
-    generated: list[int] = field(default_factory=list)
+    detokenizers: list[IncrementalDetokenizer]  # each row's token history (prompt + generated) and text
     cache: Optional[DynamicCache] = None  # the KV cache, once the prefill has made it
-    prefill_done: bool = False
-    milora_gates: dict[str, Tensor] = field(default_factory=dict)  # layer path -> (B, N) gates from the prefill
-    expert_gates: Optional[dict[str, RoutedGates]] = None  # derived from milora_gates, cached for these rows
+    milora: Optional[MiLoRARouting] = None  # MiLoRA's routing, when a row uses a MiLoRA adapter
 
     def __len__(self) -> int:
         return len(self.requests)
 
     @property
-    def request_ids(self) -> list[int]:
-        return [r.id for r in self.requests]
+    def past_prefill(self) -> bool:
+        return self.cache is not None
+
+    @property
+    def token_ids(self) -> list[list[int]]:
+        """Prompt + generated ids per row (for penalties), read from the detokenizers that hold them."""
+        return [detok.token_ids for detok in self.detokenizers]
 
     @classmethod
     def from_requests(
@@ -97,25 +104,25 @@ class Batch:
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             position_ids=position_ids.to(device),
-            token_ids=[list(r.input_ids) for r in requests],
             chooser=HeterogeneousNextTokenChooser([r.sampling for r in requests], device=device),
             stopping=[StoppingCriteria(r.stopping, eos_token_ids) for r in requests],
             detokenizers=[IncrementalDetokenizer(tokenizer, r.input_ids) for r in requests],
-            generated=[0] * len(requests),
+            milora=MiLoRARouting(lora_rows=lora_row_mask(adapters, device))
+            if any(a.method == "milora" for a in adapters)
+            else None,
         )
 
     # ---------------------------------------------------------------------------------------- undo a step
     def snapshot(self) -> StepSnapshot:
         """What one ``generate_token`` call changes, kept by reference (no tensor is copied): the KV cache's
-        tensors (the model replaces them, it does not write into them), sampling generators, and each row's
-        token list, stopping and detokenizer counters."""
+        tensors (the model replaces them, it does not write into them), MiLoRA's gates, sampling generators, and
+        each row's stopping and detokenizer (token history) counters."""
         layers = [(layer.keys, layer.values) for layer in self.cache.layers] if self.cache is not None else None
         return StepSnapshot(
-            fields={name: getattr(self, name) for name in _STEP_FIELDS} | {"milora_gates": dict(self.milora_gates)},
+            fields={name: getattr(self, name) for name in _STEP_FIELDS}
+            | {"milora": None if self.milora is None else self.milora.copy()},
             cache_layers=layers,
             generators=self.chooser.generator_states(),
-            token_lengths=[len(ids) for ids in self.token_ids],
-            generated=list(self.generated),
             stopping=[criteria.state() for criteria in self.stopping],
             detokenizers=[detok.state() for detok in self.detokenizers],
         )
@@ -128,9 +135,6 @@ class Batch:
             for layer, (keys, values) in zip(self.cache.layers, snapshot.cache_layers):
                 layer.keys, layer.values = keys, values
         self.chooser.restore_generators(snapshot.generators)
-        for ids, length in zip(self.token_ids, snapshot.token_lengths):
-            del ids[length:]
-        self.generated = list(snapshot.generated)
         for criteria, state in zip(self.stopping, snapshot.stopping):
             criteria.restore(state)
         for detok, state in zip(self.detokenizers, snapshot.detokenizers):
@@ -163,14 +167,11 @@ class Batch:
             input_ids=self.input_ids[index],
             attention_mask=attention_mask,
             position_ids=self.position_ids[index],
-            token_ids=[self.token_ids[i] for i in rows],
             chooser=self.chooser.filter(rows),
             stopping=[self.stopping[i] for i in rows],
             detokenizers=[self.detokenizers[i] for i in rows],
-            generated=[self.generated[i] for i in rows],
             cache=cache,
-            prefill_done=self.prefill_done,
-            milora_gates={key: gates.index_select(0, index) for key, gates in self.milora_gates.items()},
+            milora=None if self.milora is None else self.milora.index_select(index),
         )
 
     # --------------------------------------------------------------------------------------- concatenate
@@ -179,7 +180,7 @@ class Batch:
         """Merge decoding batches (each past prefill) into one, left-padding masks and KV caches to one length."""
         if len(batches) == 1:
             return batches[0]
-        if not all(b.prefill_done and b.cache is not None for b in batches):
+        if not all(b.past_prefill for b in batches):
             raise ValueError("only batches past their prefill can be concatenated")
         past = max(b.attention_mask.shape[1] for b in batches)
         masks, layers_k, layers_v = [], None, None
@@ -190,27 +191,23 @@ class Batch:
             vs = [torch.nn.functional.pad(layer.values, (0, 0, pad, 0)) for layer in b.cache.layers]
             layers_k = [[k] for k in ks] if layers_k is None else [acc + [k] for acc, k in zip(layers_k, ks)]
             layers_v = [[v] for v in vs] if layers_v is None else [acc + [v] for acc, v in zip(layers_v, vs)]
-        gates: dict[str, Tensor] = {}
-        for key in dict.fromkeys(k for b in batches for k in b.milora_gates):  # zeros for rows routed nowhere here
-            like = next(b.milora_gates[key] for b in batches if key in b.milora_gates)
-            parts = [b.milora_gates.get(key, like.new_zeros(len(b), like.shape[1])) for b in batches]
-            gates[key] = torch.cat(parts)
+        adapters = [a for b in batches for a in b.adapters]
+        milora = MiLoRARouting.concatenate(
+            [b.milora for b in batches], [len(b) for b in batches], lora_row_mask(adapters, masks[0].device)
+        )
         cache = batches[0].cache
         for layer, ks, vs in zip(cache.layers, layers_k, layers_v):
             layer.keys = torch.cat(ks)
             layer.values = torch.cat(vs)
         return Batch(
             requests=[r for b in batches for r in b.requests],
-            adapters=[a for b in batches for a in b.adapters],
+            adapters=adapters,
             input_ids=torch.cat([b.input_ids for b in batches]),
             attention_mask=torch.cat(masks),
             position_ids=torch.cat([b.position_ids for b in batches]),
-            token_ids=[t for b in batches for t in b.token_ids],
             chooser=HeterogeneousNextTokenChooser.concatenate([b.chooser for b in batches]),
             stopping=[s for b in batches for s in b.stopping],
             detokenizers=[d for b in batches for d in b.detokenizers],
-            generated=[g for b in batches for g in b.generated],
             cache=cache,
-            prefill_done=True,
-            milora_gates=gates,
+            milora=milora,
         )

@@ -1,7 +1,7 @@
 """One decoding step for a whole batch (TGI's ``generate_token``): forward, choose, detokenize, stop, filter.
 
-At a prefill with MiLoRA rows the layers' routers run and their gates are kept in the batch; decoding steps hand
-those gates back to the layers, so each prompt is routed exactly once.
+At a prefill with MiLoRA rows the layers' routers run and write their gates into the batch's routing state, which
+every later step's metadata points at, so each prompt is routed exactly once.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flora_hf.cache_compat import cache_kwargs, output_cache
 
 from .batch import Batch
 from .sampling import top_n_tokens
-from .step_metadata import AdapterContext, PromptRouting, StepMetadata, expert_gates
+from .step_metadata import AdapterContext, PrefillRouting, StepMetadata
 from .types import StepOutput, TokenInfo
 
 
@@ -27,8 +27,8 @@ def _on(device: torch.device, values: list) -> torch.Tensor:
 def step_metadata(batch: Batch, device: torch.device) -> StepMetadata:
     """Slots per row, the adapter kinds present and MiLoRA's routing; built on the host, so no device sync.
 
-    Before the prefill, MiLoRA rows are grouped by slot for the routers; after it, the gates the routers left in the
-    batch are turned into the experts' row scales once per batch composition (cached on the batch).
+    With MiLoRA rows the metadata points at the batch's own routing state; before the prefill it also groups those
+    rows by slot for the routers, which then write their gates into that state.
     """
     methods = [a.method for a in batch.adapters]
     meta = StepMetadata(
@@ -37,23 +37,18 @@ def step_metadata(batch: Batch, device: torch.device) -> StepMetadata:
         lora_rank=max((a.rank for a in batch.adapters if a.method in ("lora", "milora")), default=0),
         ia3="ia3" in methods,
     )
-    if "milora" not in methods:
+    if "milora" not in methods or batch.milora is None:
         return meta
-    lora_rows = _on(device, [m == "lora" for m in methods]) if "lora" in methods else None
-    if not batch.prefill_done:
+    meta.milora = batch.milora
+    if not batch.past_prefill:
         groups: dict[int, list[int]] = {}
         for row, adapter in enumerate(batch.adapters):
             if adapter.method == "milora":
                 groups.setdefault(adapter.slot, []).append(row)
-        meta.routing = PromptRouting(
+        meta.prefill = PrefillRouting(
             prompt_mask=batch.attention_mask.bool(),
             groups={slot: _on(device, rows) for slot, rows in groups.items()},
-            lora_rows=lora_rows,
         )
-        return meta
-    if batch.expert_gates is None:
-        batch.expert_gates = {key: expert_gates(g, lora_rows) for key, g in batch.milora_gates.items()}
-    meta.expert_gates = batch.expert_gates
     return meta
 
 
@@ -81,7 +76,7 @@ class CausalLMRunner:
 
     @torch.inference_mode()
     def forward(self, batch: Batch):
-        """The model forward of one step (logits for the batch's new tokens); a prefill stores MiLoRA's gates."""
+        """The model forward of one step (logits for the batch's new tokens); a prefill records MiLoRA's gates."""
         meta = step_metadata(batch, self.device)
         self.context.current = meta
         try:
@@ -94,16 +89,13 @@ class CausalLMRunner:
             )
         finally:
             self.context.current = None
-        if meta.routing is not None:
-            batch.milora_gates = meta.routing.gates
-            batch.expert_gates = meta.expert_gates
         return out
 
     @torch.inference_mode()
     def generate_token(self, batch: Batch) -> tuple[list[StepOutput], Optional[Batch]]:
         """Advance every row by one token; returns the outputs and the batch of rows still running (or None)."""
         out = self.forward(batch)
-        first_step = not batch.prefill_done
+        first_step = not batch.past_prefill
         want_prefill = first_step and any(r.decoder_input_details for r in batch.requests)
         logits = out.logits if want_prefill else out.logits[:, -1:]
         next_ids, logprobs = batch.chooser(batch.token_ids, logits[:, -1].float())
@@ -115,10 +107,8 @@ class CausalLMRunner:
         outputs, keep = [], []
         for row, req in enumerate(batch.requests):
             token_id = next_list[row]
-            batch.token_ids[row].append(token_id)
-            batch.generated[row] += 1
             detok = batch.detokenizers[row]
-            piece = detok.step(token_id)
+            piece = detok.step(token_id)  # extends the row's token history
             stop, reason = batch.stopping[row](token_id, detok.generated_text)
             outputs.append(
                 StepOutput(
@@ -128,7 +118,7 @@ class CausalLMRunner:
                     prefill_tokens=self._prefill_tokens(batch, logits, row)
                     if first_step and req.decoder_input_details
                     else None,
-                    generated_tokens=batch.generated[row],
+                    generated_tokens=detok.num_generated,
                     generated_text=detok.generated_text if stop else None,
                     finish_reason=reason if stop else None,
                     seed=seeds[row] if batch.chooser.do_sample[row] else None,
@@ -141,5 +131,4 @@ class CausalLMRunner:
         batch.input_ids = next_ids[:, None]
         batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(batch), 1)], dim=1)
         batch.position_ids = batch.position_ids[:, -1:] + 1
-        batch.prefill_done = True
         return outputs, batch.filter(keep)

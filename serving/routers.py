@@ -9,18 +9,17 @@ is scaled by its column.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from flora_hf.ops.milora import pool_prompt, route
+from flora_hf.ops import RouterGroup, RouterParams, route_groups
 
 from .adapters.loader import RouterWeights
 from .slot_layers import SlotLinear
-from .step_metadata import AdapterContext, StepMetadata, expert_gates
+from .step_metadata import AdapterContext, StepMetadata
 
 
 def expert_columns(layer: nn.Module) -> tuple[str, ...]:
@@ -37,22 +36,14 @@ def expert_columns(layer: nn.Module) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-@dataclass
-class RouterSlot:
-    """One MiLoRA adapter's router for one layer, on the device (fp32), and where its experts sit in the gates."""
-
-    router: RouterWeights
-    columns: Tensor  # (N_adapter,) long: the gate column of each row of ``router.weight``
-
-
 class SlotRouter:
     """MiLoRA's router of one transformer layer for every slot, run by a forward pre-hook on that layer.
 
-    Only at a prefill with MiLoRA rows does it do anything: for each MiLoRA adapter in the batch it pools that
-    adapter's rows' prompt tokens and routes them with :func:`flora_hf.ops.milora.pool_prompt` and
-    :func:`~flora_hf.ops.milora.route` (a loop over the adapters present, as PEFT's own router does), and leaves the
-    gates in the step metadata. Decoding steps reuse the gates stored in the batch: the router never runs there.
-    ``prompts_routed`` counts the prompts it routed (once per prompt), ``calls`` the forwards it routed in.
+    Only at a prefill with MiLoRA rows does it do anything: it routes each MiLoRA adapter's rows of the batch by
+    their prompt with :func:`flora_hf.ops.route_groups` (the function PEFT's own router calls) and records the gates
+    in the batch's :class:`~serving.step_metadata.MiLoRARouting`. Decoding steps read the gates recorded there: the
+    router never runs. ``prompts_routed`` counts the prompts it routed (once per prompt), ``calls`` the forwards it
+    routed in.
     """
 
     def __init__(self, layer: nn.Module, key: str, context: AdapterContext) -> None:
@@ -61,7 +52,7 @@ class SlotRouter:
         self.experts = expert_columns(layer)
         self.columns = {name: column for column, name in enumerate(self.experts)}
         self.device = next((p.device for p in layer.parameters()), torch.device("cpu"))
-        self.slots: dict[int, RouterSlot] = {}
+        self.slots: dict[int, tuple[RouterParams, Tensor]] = {}  # slot -> its router, the gate column of each expert
         self.prompts_routed = 0
         self.calls = 0
         self._handle = layer.register_forward_pre_hook(self._before_layer, with_kwargs=True)
@@ -73,16 +64,8 @@ class SlotRouter:
         if router is None:
             slots.pop(slot, None)
         else:
-            to = {"device": self.device, "dtype": torch.float32}  # router and rational stay fp32
-            on_device = replace(
-                router,
-                weight=router.weight.to(**to),
-                num=router.num.to(**to),
-                den=router.den.to(**to),
-                query=None if router.query is None else router.query.to(**to),
-            )
             columns = torch.tensor([self.columns[e] for e in router.experts], device=self.device)
-            slots[slot] = RouterSlot(on_device, columns)
+            slots[slot] = (router.params(self.device), columns)
         self.slots = slots
 
     def clear_slot(self, slot: int) -> None:
@@ -90,30 +73,24 @@ class SlotRouter:
 
     def _before_layer(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         meta = self.context.current
-        if meta is None or meta.routing is None:
+        if meta is None or meta.prefill is None or meta.milora is None:
             return
         self.route(args[0] if args else kwargs["hidden_states"], meta)
 
     def route(self, hidden: Tensor, meta: StepMetadata) -> None:
         """Gates of this layer for every MiLoRA row of a prefill, from the layer's input ``hidden`` ``(B, T, d)``."""
-        routing, slots = meta.routing, self.slots
-        gates = None
-        for slot, rows in routing.groups.items():
+        slots = self.slots
+        groups: list[RouterGroup] = []
+        for slot, rows in meta.prefill.groups.items():
             entry = slots.get(slot)
-            if entry is None:  # this adapter has no experts in this layer
-                continue
-            mask = routing.prompt_mask.index_select(0, rows)
-            r = entry.router
-            pooled = pool_prompt(hidden.index_select(0, rows), mask, r.pooler, r.query)
-            _, routed = route(pooled, r.weight, r.num, r.den, r.top_k, r.rational_form)
-            if gates is None:
-                gates = torch.zeros(hidden.shape[0], len(self.experts), device=hidden.device)
-            gates[rows[:, None], entry.columns[None, :]] = routed
-            self.prompts_routed += rows.numel()
-        if gates is not None:
-            self.calls += 1
-            routing.gates[self.key] = gates
-            meta.expert_gates[self.key] = expert_gates(gates, routing.lora_rows)
+            if entry is not None:  # else this adapter has no experts in this layer
+                groups.append((entry[0], rows, entry[1]))
+        if not groups:
+            return
+        gates, _ = route_groups(hidden, meta.prefill.prompt_mask, groups, len(self.experts))
+        self.prompts_routed += sum(rows.numel() for _, rows, _ in groups)
+        self.calls += 1
+        meta.milora.record(self.key, gates)
 
     def remove(self) -> None:
         self._handle.remove()

@@ -477,8 +477,17 @@ class IncrementalDetokenizer:
         del self._ids[length:]
 
     @property
+    def token_ids(self) -> list[int]:
+        """Prompt + generated ids: the row's one token history (the list itself, which :meth:`step` extends)."""
+        return self._ids
+
+    @property
     def generated_ids(self) -> list[int]:
         return self._ids[self._prompt_len :]
+
+    @property
+    def num_generated(self) -> int:
+        return len(self._ids) - self._prompt_len
 
     @property
     def generated_text(self) -> str:

@@ -2,7 +2,8 @@
 
 vLLM's LoRA layout: every wrapped layer owns slot tensors (one row per device slot, row 0 = no adapter), an adapter
 occupies the same slot index in every layer, and one metadata object per forward (:mod:`serving.step_metadata`)
-says which slot each batch row uses. The math is the core's (flora_hf.ops); this module only holds tensors.
+says which slot each batch row uses. The rows and the math are the core's (:mod:`flora_hf.ops`): this module only
+holds tensors and picks the banks a step needs.
 """
 
 from __future__ import annotations
@@ -14,22 +15,10 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from flora_hf.flora.bnb import is_8bit_linear
-from flora_hf.ops import bank_row, base_call_kwargs, flora_linear, ia3_scale, lora_bmm_delta
-from flora_hf.ops.milora import add_gated_lora
+from flora_hf.ops import BankRole, LoRATerm, adapted_linear, adapter_rows, neutral_row, role_dim
 
-from .adapters.loader import Role, linear_features
+from .adapters.loader import linear_features
 from .step_metadata import AdapterContext
-
-
-def _neutral(role: Role, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The bank content meaning "no adapter" for one slot."""
-    if role in ("lora_a", "lora_b"):
-        return torch.zeros(shape, dtype=dtype, device=device)
-    if role in ("ia3_in", "ia3_out"):
-        return torch.ones(shape, dtype=dtype, device=device)
-    rank, dim = shape
-    ones = torch.ones(1, dim, dtype=dtype, device=device)
-    return bank_row(ones, ones, rank)[0]  # identity in sum form: first rank row ones, the rest zeros
 
 
 class SlotLinear(nn.Module):
@@ -44,25 +33,20 @@ class SlotLinear(nn.Module):
         self.d_in, self.d_out = linear_features(base_layer)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.quantized = is_8bit_linear(base_layer)  # int8 W0: FLoRA runs as a scaled call of the layer
-        self.banks: dict[Role, Tensor] = {}
+        self.banks: dict[BankRole, Tensor] = {}
         self.gate_site: Optional[tuple[str, int]] = None  # (layer path, gate column) once a MiLoRA expert
 
-    def _base_call_kwargs(self) -> dict:
-        """How the math core reaches W0 (the same choice the PEFT layers make)."""
-        return base_call_kwargs(self.base_layer, quantized=self.quantized, fan_in_fan_out=self.fan_in_fan_out)
+    def _neutral(self, role: BankRole, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return neutral_row(role, self.max_rank, role_dim(role, self.d_in, self.d_out), dtype=dtype, device=device)
 
-    def _bank_shape(self, role: Role) -> tuple[int, ...]:
-        dim = self.d_in if role in ("flora_in", "lora_a", "ia3_in") else self.d_out
-        return (dim,) if role.startswith("ia3") else (self.max_rank, dim)
-
-    def _new_bank(self, role: Role) -> Tensor:
+    def _new_bank(self, role: BankRole) -> Tensor:
         weight = self.base_layer.weight
         dtype = torch.float16 if self.quantized else weight.dtype  # int8 weights: keep adapters in half precision
-        row = _neutral(role, self._bank_shape(role), dtype, weight.device)
+        row = self._neutral(role, dtype, weight.device)
         return row.unsqueeze(0).repeat(self.num_slots + 1, *([1] * row.dim()))
 
     @torch.no_grad()
-    def write_slot(self, slot: int, tensors: dict[Role, Tensor]) -> None:
+    def write_slot(self, slot: int, tensors: dict[BankRole, Tensor]) -> None:
         """Put an adapter's tensors for this layer in ``slot``; every other bank's slot goes back to neutral.
 
         Runs on the loader thread while the scheduler may be in a forward: rows of other slots are never touched,
@@ -72,48 +56,49 @@ class SlotLinear(nn.Module):
         for role in tensors:
             if role not in banks:
                 banks[role] = self._new_bank(role)
+        rows = adapter_rows(tensors, self.max_rank)
         for role, bank in banks.items():
-            tensor = tensors.get(role)
-            if tensor is None:
-                bank[slot] = _neutral(role, self._bank_shape(role), bank.dtype, bank.device)
-            elif role.startswith("lora"):
-                bank[slot].zero_()
-                bank[slot, : tensor.shape[0]] = tensor.to(bank.dtype)
-            elif role.startswith("ia3"):
-                bank[slot] = tensor.to(bank.dtype)
-        if "flora_in" in tensors:
-            f_in, f_out = bank_row(tensors["flora_in"], tensors["flora_out"], self.max_rank)
-            banks["flora_in"][slot] = f_in.to(banks["flora_in"].dtype)
-            banks["flora_out"][slot] = f_out.to(banks["flora_out"].dtype)
+            row = rows.get(role)
+            bank[slot] = self._neutral(role, bank.dtype, bank.device) if row is None else row.to(bank.dtype)
         self.banks = banks
 
     def clear_slot(self, slot: int) -> None:
         self.write_slot(slot, {})
 
+    def _lora_term(self, banks: dict[BankRole, Tensor], rank: int, slots: Tensor) -> LoRATerm:
+        """The LoRA banks at the step's rank; gated per row where MiLoRA experts of this layer are routed."""
+        term = LoRATerm(banks["lora_a"][:, :rank], banks["lora_b"][:, :rank], slots)
+        milora = self.context.current.milora
+        if self.gate_site is not None and milora is not None:
+            layer, column = self.gate_site
+            scales = milora.expert_scales(layer)
+            if scales is not None:  # rows with a zero scale (unselected experts, rows without LoRA) cost nothing
+                term.gate, term.rows = scales.column(column), scales.rows(column)
+        return term
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         meta = self.context.current
-        if meta is None or not meta.any_adapter or not self.banks:
+        banks = self.banks
+        if meta is None or not meta.any_adapter or not banks:
             return self.base_layer(x, *args, **kwargs)
-        idx, banks = meta.slots, self.banks
-        if meta.ia3 and "ia3_in" in banks:
-            x = ia3_scale(x, banks["ia3_in"], idx)
+        flora = None
         if meta.flora_rank and "flora_in" in banks:
             r = meta.flora_rank
-            y = flora_linear(x, banks["flora_in"][:, :r], banks["flora_out"][:, :r], idx, **self._base_call_kwargs())
-        else:
-            y = self.base_layer(x, *args, **kwargs)
-        if meta.lora_rank and "lora_a" in banks:
-            r = meta.lora_rank
-            bank_a, bank_b = banks["lora_a"][:, :r], banks["lora_b"][:, :r]
-            routed = meta.expert_gates.get(self.gate_site[0]) if self.gate_site is not None else None
-            if routed is None:  # no MiLoRA row routes through this layer
-                y = y + lora_bmm_delta(x, bank_a, bank_b, idx)
-            else:  # rows with a zero scale (unselected experts, rows without LoRA) cost nothing
-                column = self.gate_site[1]
-                y = add_gated_lora(y, x, bank_a, bank_b, idx, routed.column(column), routed.rows(column))
-        if meta.ia3 and "ia3_out" in banks:
-            y = ia3_scale(y, banks["ia3_out"], idx)
-        return y
+            flora = (banks["flora_in"][:, :r], banks["flora_out"][:, :r])
+        has_lora = meta.lora_rank and "lora_a" in banks
+        return adapted_linear(
+            x,
+            self.base_layer,
+            meta.slots,
+            flora=flora,
+            lora=[self._lora_term(banks, meta.lora_rank, meta.slots)] if has_lora else [],
+            ia3_in=banks.get("ia3_in") if meta.ia3 else None,
+            ia3_out=banks.get("ia3_out") if meta.ia3 else None,
+            quantized=self.quantized,
+            fan_in_fan_out=self.fan_in_fan_out,
+            base_args=args,
+            base_kwargs=kwargs,
+        )
 
 
 def wrap_module(model: nn.Module, path: str, context: AdapterContext, num_slots: int, max_rank: int) -> SlotLinear:

@@ -1,6 +1,6 @@
 """FLoRA on bitsandbytes 8-bit linear layers.
 
-An int8 base cannot expose W0 cheaply, so FLoRA runs as a scaled call (DESIGN §2): the base layer is called on the
+An int8 base cannot expose W0 cheaply; FLoRA runs as a scaled call (docs/DESIGN.md §2): the base layer is called on the
 inputs scaled by each rank component and its outputs are scaled, as PEFT's IA3 does; the merged path is never used.
 Importing this module does not need bitsandbytes or CUDA; the layer class exists only when bitsandbytes imports.
 """

@@ -9,7 +9,7 @@ from ..ops.milora import POOLERS
 from ..peft_registry import add_peft_type
 from ..tuner_config import LayerTunerConfig
 
-# One expert per adapted module type of a transformer layer (DESIGN §3). Names are suffixes of the module path
+# One expert per adapted module type of a transformer layer (docs/DESIGN.md §3). Names are suffixes of the module path
 # inside a layer, so GPTBigCode's two `c_proj` layers (attention output, MLP output) stay separate experts.
 TRANSFORMERS_MODELS_TO_MILORA_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "gpt_bigcode": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],

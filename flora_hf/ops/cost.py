@@ -1,4 +1,4 @@
-"""Cost model that picks one of the three exact FLoRA evaluations (DESIGN §2) per call.
+"""Cost model that picks one of the three exact FLoRA evaluations (docs/DESIGN.md §2) per call.
 
 A roofline estimate, ``flops / peak_flops + bytes / bandwidth``, is enough here: the three paths differ by whole
 multiples of a GEMM, so constants only need to be right within a factor of two or so.

@@ -1,6 +1,6 @@
 """FLoRA forward for a batch whose rows (or tokens) each carry their own adapter: the one math core.
 
-Notation (DESIGN §2): a bank holds ``n`` adapters padded to a common rank ``R``; ``bank_in`` is ``(n, R, d_in)``
+Notation (docs/DESIGN.md §2): a bank holds ``n`` adapters padded to one rank ``R``; ``bank_in`` is ``(n, R, d_in)``
 (the paper's B), ``bank_out`` is ``(n, R, d_out)`` (the paper's A). Row ``k`` of the bank means
 
     ΔW_k = Σ_j bank_in[k, j]ᵀ ⊗ bank_out[k, j],      y = x (W0 ∘ ΔW_k) + bias

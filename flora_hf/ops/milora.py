@@ -1,4 +1,4 @@
-"""MiLoRA's math (DESIGN §3): prompt pooling, rational activation, top-k routing, load balance, gated experts.
+"""MiLoRA's math (docs/DESIGN.md §3): prompt pooling, rational activation, top-k routing, load balance, gated experts.
 
 MiLoRA (Zhang et al., 2024) treats each adapted module type of a transformer layer as one LoRA expert and routes
 once per prompt. The PEFT layers in :mod:`flora_hf.milora` and the serving engine both call these functions.

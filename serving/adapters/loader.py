@@ -23,12 +23,11 @@ from torch import Tensor, nn
 from flora_hf.base_layers import linear_features as base_linear_features
 from flora_hf.milora import MiLoRAConfig
 from flora_hf.milora.model import split_expert_key
-from flora_hf.ops.lora import lora_scaling
+from flora_hf.ops import INPUT_ROLES, BankRole, RouterParams, lora_bank_row, lora_scaling
 
 from ..types import AdapterError
 
 Method = Literal["flora", "lora", "ia3", "milora"]
-Role = Literal["flora_in", "flora_out", "lora_a", "lora_b", "ia3_in", "ia3_out"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,6 +54,19 @@ class RouterWeights:
     def tensors(self) -> list[Tensor]:
         return [t for t in (self.weight, self.num, self.den, self.query) if t is not None]
 
+    def params(self, device: torch.device) -> RouterParams:
+        """This router on ``device`` as the math core routes with it (router and rational stay fp32)."""
+        to = {"device": device, "dtype": torch.float32}
+        return RouterParams(
+            weight=self.weight.to(**to),
+            numerator=self.num.to(**to),
+            denominator=self.den.to(**to),
+            top_k=self.top_k,
+            pooler=self.pooler,
+            form=self.rational_form,
+            query=None if self.query is None else self.query.to(**to),
+        )
+
 
 @dataclass
 class AdapterWeights:
@@ -69,7 +81,7 @@ class AdapterWeights:
     name: str
     method: Method
     rank: int  # 0 for IA3
-    modules: dict[str, dict[Role, Tensor]] = field(default_factory=dict)
+    modules: dict[str, dict[BankRole, Tensor]] = field(default_factory=dict)
     source: str = ""
     routers: dict[str, RouterWeights] = field(default_factory=dict)
 
@@ -156,9 +168,9 @@ _ROUTER_PARTS = {"milora_weight": "weight", "milora_query": "query", "milora_num
 
 def _parse_tensors(
     method: Method, config: dict, tensors: dict[str, Tensor], milora: Optional[MiLoRAConfig] = None
-) -> tuple[dict[str, dict[Role, Tensor]], dict[str, dict[str, Tensor]]]:
+) -> tuple[dict[str, dict[BankRole, Tensor]], dict[str, dict[str, Tensor]]]:
     """Per module path its tensors by role; for MiLoRA also per layer path its router tensors by part."""
-    modules: dict[str, dict[Role, Tensor]] = {}
+    modules: dict[str, dict[BankRole, Tensor]] = {}
     routers: dict[str, dict[str, Tensor]] = {}
     lora_config = _lora_config(config) if method == "lora" else None
     for key, tensor in tensors.items():
@@ -169,7 +181,7 @@ def _parse_tensors(
                 routers.setdefault(layer, {})[_ROUTER_PARTS[leaf]] = tensor.float()
                 continue
             if leaf in ("milora_A", "milora_B"):
-                role: Role = "lora_a" if leaf == "milora_A" else "lora_b"
+                role: BankRole = "lora_a" if leaf == "milora_A" else "lora_b"
                 modules.setdefault(_module_path(key, "." + leaf), {})[role] = tensor.float()
                 continue
             raise AdapterError(f"unexpected tensor {key!r} in a MILORA adapter")
@@ -195,16 +207,16 @@ def _parse_tensors(
         if method in ("lora", "milora") and any(t.dim() != 2 for t in roles.values()):
             shapes = {role: tuple(t.shape) for role, t in roles.items()}
             raise AdapterError(f"module {path}: LoRA factors must be matrices, got shapes {shapes}")
-        if method == "lora":
+        if method in ("lora", "milora"):  # milora_B is (d_out, r), as PEFT's lora_B
             rank = roles["lora_a"].shape[0]
-            roles["lora_b"] = roles["lora_b"].t().contiguous() * _lora_scaling(lora_config, path, rank)
-        elif method == "milora":  # milora_B is (d_out, r), as PEFT's lora_B
-            roles["lora_b"] = roles["lora_b"].t().contiguous() * milora.scaling
+            scaling = _lora_scaling(lora_config, path, rank) if method == "lora" else milora.scaling
+            a, b = lora_bank_row(roles["lora_a"], roles["lora_b"], scaling)
+            roles["lora_a"], roles["lora_b"] = a, b.contiguous()
     return modules, routers
 
 
 def _check_against_base(
-    name: str, method: Method, modules: dict[str, dict[Role, Tensor]], base: nn.Module, max_rank: int
+    name: str, method: Method, modules: dict[str, dict[BankRole, Tensor]], base: nn.Module, max_rank: int
 ) -> int:
     rank = 0
     for path, roles in modules.items():
@@ -214,7 +226,7 @@ def _check_against_base(
             raise AdapterError(f"adapter {name!r} targets {path!r}, which the base model does not have") from None
         d_in, d_out = linear_features(getattr(target, "base_layer", target))  # unwrap a slot layer
         for role, tensor in roles.items():
-            want = d_in if role in ("flora_in", "lora_a", "ia3_in") else d_out
+            want = d_in if role in INPUT_ROLES else d_out
             if tensor.shape[-1] != want or (role.startswith("ia3") and tensor.dim() != 1):
                 raise AdapterError(
                     f"adapter {name!r} does not fit the base model: {path}.{role} has shape {tuple(tensor.shape)}, "
@@ -243,7 +255,7 @@ def split_layer_path(path: str) -> tuple[str, str]:
 def _check_routers(
     name: str,
     milora: MiLoRAConfig,
-    modules: dict[str, dict[Role, Tensor]],
+    modules: dict[str, dict[BankRole, Tensor]],
     tensors: dict[str, dict[str, Tensor]],
     base: nn.Module,
 ) -> dict[str, RouterWeights]:

@@ -1,4 +1,4 @@
-"""MiLoRA routing (DESIGN §3): prompt tokens only, once per prompt, gates cached beside the KV cache."""
+"""MiLoRA routing (docs/DESIGN.md §3): prompt tokens only, once per prompt, gates cached beside the KV cache."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every fast FLoRA path against the plain per-example reference (DESIGN §2)."""
+"""Every fast FLoRA path against the plain per-example reference (docs/DESIGN.md §2)."""
 
 from __future__ import annotations
 

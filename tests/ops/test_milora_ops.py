@@ -1,4 +1,4 @@
-"""MiLoRA's math core (DESIGN §3) against its plain references and hand-made cases."""
+"""MiLoRA's math core (docs/DESIGN.md §3) against its plain references and hand-made cases."""
 
 from __future__ import annotations
 

@@ -325,7 +325,7 @@ def test_a_row_failing_mid_decode_fails_alone_and_the_others_continue_exactly(ad
 
     def forward(batch):
         out = real_forward(batch)  # the cache of every row already grew
-        if batch.prefill_done and poisoned_row(batch):
+        if batch.past_prefill and poisoned_row(batch):
             raise RuntimeError("a row-specific failure in the model")
         return out
 

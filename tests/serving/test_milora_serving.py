@@ -151,7 +151,6 @@ def _advance(batch: Batch, out, next_ids: torch.Tensor) -> None:
     batch.input_ids = next_ids[:, None]
     batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(batch), 1)], dim=1)
     batch.position_ids = batch.position_ids[:, -1:] + 1
-    batch.prefill_done = True
 
 
 def test_prefill_and_decode_logits_match_peft_in_a_padded_batch(adapter_dir) -> None:
@@ -202,19 +201,19 @@ def test_gates_follow_rows_through_filter_and_concatenate(adapter_dir) -> None:
     a = prefilled([PROMPTS[0], PROMPTS[1], PROMPTS[2]], ["math", "lora", "mean"])
     b = prefilled([PROMPTS[3], PROMPTS[4]], ["flora", "ia3"])  # no MiLoRA row: no gates at all
     c = prefilled([PROMPTS[4], PROMPTS[1]], [None, "math"])
-    assert b.milora_gates == {} and set(a.milora_gates) == set(c.milora_gates) == {
+    assert b.milora is None and set(a.milora.gates) == set(c.milora.gates) == {
         "transformer.h.0",
         "transformer.h.1",
     }
-    assert a.expert_gates["transformer.h.0"].gates[1].eq(1).all()  # the LoRA row keeps scale 1 on every expert
+    assert a.milora.expert_scales("transformer.h.0").gates[1].eq(1).all()  # the LoRA row keeps scale 1 on every expert
     merged = Batch.concatenate([a, b, c])
-    for key, gates in merged.milora_gates.items():
-        expected = torch.cat([a.milora_gates[key], torch.zeros(2, gates.shape[1]), c.milora_gates[key]])
+    for key, gates in merged.milora.gates.items():
+        expected = torch.cat([a.milora.gates[key], torch.zeros(2, gates.shape[1]), c.milora.gates[key]])
         torch.testing.assert_close(gates, expected, atol=0, rtol=0)
         assert (gates[0] != 0).sum() == 2 and (gates[2] != 0).sum() == 1  # top_k of math, of mean
     kept = merged.filter([merged.requests[i].id for i in (0, 3, 6)])  # math, flora, math
-    for key, gates in kept.milora_gates.items():
-        torch.testing.assert_close(gates, merged.milora_gates[key][[0, 3, 6]], atol=0, rtol=0)
+    for key, gates in kept.milora.gates.items():
+        torch.testing.assert_close(gates, merged.milora.gates[key][[0, 3, 6]], atol=0, rtol=0)
     counts = store.router_counts()
     got = runner.forward(kept).logits[:, -1]  # decoding the filtered, concatenated batch...
     assert store.router_counts() == counts  # ...never routes
@@ -234,11 +233,11 @@ def test_mixed_batch_gives_each_row_its_alone_output(adapter_dir, monkeypatch) -
     concatenate, filter_rows = Batch.concatenate.__func__, Batch.filter
 
     def spy_concatenate(cls, batches):
-        seen["concatenate"] += any(b.milora_gates for b in batches)
+        seen["concatenate"] += any(b.milora is not None and b.milora.gates for b in batches)
         return concatenate(cls, batches)
 
     def spy_filter(self, keep_ids):
-        seen["filter"] += bool(self.milora_gates) and len(keep_ids) < len(self)
+        seen["filter"] += self.milora is not None and bool(self.milora.gates) and len(keep_ids) < len(self)
         return filter_rows(self, keep_ids)
 
     monkeypatch.setattr(Batch, "concatenate", classmethod(spy_concatenate))
