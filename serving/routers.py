@@ -96,10 +96,12 @@ class SlotRouter:
         self._handle.remove()
 
 
-def attach_router(model: nn.Module, layer_path: str, context: AdapterContext) -> SlotRouter:
-    """The MiLoRA router of ``model.<layer_path>``, created (and hooked) on first use."""
-    router = context.routers.get(layer_path)
+def attach_router(
+    model: nn.Module, layer_path: str, context: AdapterContext, routers: dict[str, SlotRouter]
+) -> SlotRouter:
+    """The MiLoRA router of ``model.<layer_path>`` in ``routers`` (layer path -> router), created and hooked on first
+    use (by the adapter store, which owns the routers as it owns the slot layers)."""
+    router = routers.get(layer_path)
     if router is None:
-        router = SlotRouter(model.get_submodule(layer_path), layer_path, context)
-        context.routers = {**context.routers, layer_path: router}
+        router = routers[layer_path] = SlotRouter(model.get_submodule(layer_path), layer_path, context)
     return router

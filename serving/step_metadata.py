@@ -2,21 +2,19 @@
 
 vLLM's layout: one metadata object per forward (:class:`StepMetadata`), set on the model's shared
 :class:`AdapterContext` by the runner around the call, so the slot layers and routers deep inside the model need no
-extra arguments.
+extra arguments. A batch with MiLoRA rows also carries a :class:`MiLoRARouting` (its routing decisions, made once per
+prompt), which the metadata of each of its steps points at.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from flora_hf.ops import RoutedGates, expert_row_scales
-
-if TYPE_CHECKING:  # the routers read this module's metadata
-    from .routers import SlotRouter
 
 
 @dataclass
@@ -104,8 +102,7 @@ class StepMetadata:
 
 
 class AdapterContext:
-    """Shared by every slot layer and router of a model: the engine sets ``current`` around each forward."""
+    """Shared by every slot layer and router of a model: the runner sets ``current`` around each forward."""
 
     def __init__(self) -> None:
         self.current: Optional[StepMetadata] = None
-        self.routers: dict[str, SlotRouter] = {}  # transformer layer path -> its MiLoRA router

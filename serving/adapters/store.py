@@ -74,6 +74,7 @@ class AdapterStore:
         # slots of adapters unloaded (or replaced) while rows still decode with them: slot -> rows left. They are
         # out of ``_resident``, so a name loaded again always gets its new weights in a slot of its own.
         self._retired: dict[int, int] = {}
+        self.routers: dict[str, SlotRouter] = {}  # transformer layer path -> its MiLoRA router
         self._registering: set[str] = set()  # names whose folder is being read: a second load of one waits its turn
         self._loading: dict[str, Future] = {}
         self._lock = threading.RLock()
@@ -115,7 +116,7 @@ class AdapterStore:
             for module_path in weights.modules:
                 wrap_module(self.model, module_path, self.context, self.num_slots, self.max_rank)
             for layer_path in weights.routers:
-                router = attach_router(self.model, layer_path, self.context)
+                router = attach_router(self.model, layer_path, self.context, self.routers)
                 for module_path in weights.modules:
                     layer, expert = split_layer_path(module_path)
                     if layer == layer_path:
@@ -126,7 +127,7 @@ class AdapterStore:
 
     def _check_expert_columns(self, weights: AdapterWeights) -> None:
         for layer_path, router in weights.routers.items():
-            known = self.context.routers.get(layer_path)
+            known = self.routers.get(layer_path)
             columns = known.experts if known is not None else expert_columns(self.model.get_submodule(layer_path))
             unknown = sorted(set(router.experts) - set(columns))
             if unknown:
@@ -137,7 +138,7 @@ class AdapterStore:
 
     def router_counts(self) -> dict[str, int]:
         """Prompts each MiLoRA router has routed: once per prompt, never per decoding step."""
-        return {path: router.prompts_routed for path, router in self.context.routers.items()}
+        return {path: router.prompts_routed for path, router in self.routers.items()}
 
     def unregister(self, name: str) -> None:
         """Forget an adapter; its slot is freed now, or when the last row using it finishes."""
@@ -247,7 +248,7 @@ class AdapterStore:
         return [m for m in self.model.modules() if isinstance(m, SlotLinear)]
 
     def _routers(self) -> list[SlotRouter]:
-        return list(self.context.routers.values())
+        return list(self.routers.values())
 
     def _load(self, name: str, slot: int, weights: AdapterWeights) -> None:
         try:

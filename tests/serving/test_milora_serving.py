@@ -264,7 +264,7 @@ def test_mixed_batch_gives_each_row_its_alone_output(adapter_dir, monkeypatch) -
 
 def test_router_runs_once_per_prompt(adapter_dir) -> None:
     engine = make_engine(adapter_dir, ["math", "flora"])
-    routers = engine.store.context.routers
+    routers = engine.store.routers
     assert sorted(routers) == ["transformer.h.0", "transformer.h.1"]
 
     async def main():
@@ -388,5 +388,5 @@ def test_slot_layers_only_scale_milora_experts(adapter_dir) -> None:
     assert sites["transformer.h.0.attn.c_attn"] == ("transformer.h.0", 0)
     assert sites["transformer.h.0.mlp.c_proj"] == ("transformer.h.0", 3)  # columns: every linear of the layer
     assert sites["transformer.h.0.attn.c_proj"] is None  # LoRA only
-    assert store.context.routers["transformer.h.0"].experts == ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert store.routers["transformer.h.0"].experts == ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     store.close()
