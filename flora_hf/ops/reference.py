@@ -5,7 +5,7 @@ Slow on purpose. The tests compare each fast path against these.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -98,3 +98,68 @@ def route_reference(
 def gated_lora_reference(x: Tensor, bank_a: Tensor, bank_b: Tensor, indices: Tensor, gate: Tensor) -> Tensor:
     """Each row's LoRA update computed alone and scaled by its gate."""
     return torch.stack([g * (row @ bank_a[k].t() @ bank_b[k]) for row, k, g in zip(x, indices.tolist(), gate)])
+
+
+def adapted_linear_reference(
+    x: Tensor,
+    weight_in_out: Tensor,
+    bias: Optional[Tensor],
+    indices: Optional[Tensor],
+    *,
+    flora: Optional[tuple[Tensor, Tensor]] = None,
+    lora: Optional[tuple[Tensor, Tensor]] = None,
+    gate: Optional[Tensor] = None,
+    ia3_in: Optional[Tensor] = None,
+    ia3_out: Optional[Tensor] = None,
+) -> Tensor:
+    """Each row alone: ``((x ∘ l_in) (W0 ∘ ΔW_F) + bias + g · (x ∘ l_in) Aᵀ B) ∘ l_out`` with its dense merged weight.
+
+    Banks are indexed by ``indices`` (None: row 0 of every bank); ``lora`` given as 2-D ``(A, B)`` is one adapter's
+    factors for every row, ``gate`` ``(B,)`` scales the LoRA update of each row.
+    """
+    ks = [0] * x.shape[0] if indices is None else indices.tolist()
+    outs = []
+    for b, k in enumerate(ks):
+        row = x[b]
+        if ia3_in is not None:
+            row = row * ia3_in[k]
+        w = (
+            weight_in_out
+            if flora is None
+            else merged_weight_reference(weight_in_out, flora[0][k], flora[1][k], mean=False)
+        )
+        y = row @ w
+        if bias is not None:
+            y = y + bias
+        if lora is not None:
+            a, b_t = lora if lora[0].dim() == 2 else (lora[0][k], lora[1][k])
+            g = 1.0 if gate is None else gate[b]
+            y = y + g * (row @ a.t() @ b_t)
+        if ia3_out is not None:
+            y = y * ia3_out[k]
+        outs.append(y)
+    return torch.stack(outs)
+
+
+def route_groups_reference(hidden: Tensor, prompt_mask: Tensor, groups: Iterable[tuple], num_columns: int) -> Tensor:
+    """Gates ``(B, N)`` (float64): each group's rows pooled and routed one at a time, written into its columns."""
+    gates = torch.zeros(hidden.shape[0], num_columns, dtype=torch.float64)
+    for router, rows, columns in groups:
+        for b in range(hidden.shape[0]) if rows is None else rows.tolist():
+            pooled = pool_reference(hidden[b : b + 1], prompt_mask[b : b + 1], router.pooler, router.query)
+            g = route_reference(
+                pooled, router.weight, router.numerator, router.denominator, router.top_k, router.form
+            )[0]
+            for j, column in enumerate(columns.tolist()):
+                gates[b, column] = g[j]
+    return gates
+
+
+def neutral_row_reference(role: str, rank: int, dim: int) -> Tensor:
+    """The "no adapter" row written out: IA3 ones ``(dim,)``; LoRA zeros and FLoRA ``e₀ ⊗ 1`` (ΔW ≡ 1) ``(rank, dim)``."""
+    if role in ("ia3_in", "ia3_out"):
+        return torch.ones(dim)
+    row = torch.zeros(rank, dim)
+    if role in ("flora_in", "flora_out"):
+        row[0] = 1.0
+    return row

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,15 +12,25 @@ from flora_hf.ops import build_lora_bank
 from flora_hf.ops.milora import (
     POOLERS,
     RoutedGates,
+    RouterParams,
     add_gated_lora,
+    expert_row_scales,
     gated_lora_delta,
     gelu_rational_init,
     load_balance_loss,
     pool_prompt,
     rational,
     route,
+    route_groups,
+    route_prompts,
 )
-from flora_hf.ops.reference import gated_lora_reference, pool_reference, rational_reference, route_reference
+from flora_hf.ops.reference import (
+    gated_lora_reference,
+    pool_reference,
+    rational_reference,
+    route_groups_reference,
+    route_reference,
+)
 
 FORMS = ["paper", "safe"]
 
@@ -264,3 +276,89 @@ def test_routed_gates_rows_and_reordering() -> None:
     repeated = routed.repeat_interleave(2)
     torch.testing.assert_close(repeated.gates, gates[[0, 0, 1, 1, 2, 2]])
     assert repeated.rows(1).tolist() == [2, 3]
+
+
+# --------------------------------------------------------------------------------------- routing several adapters
+def _router(n: int, d: int, top_k: int, pooler: str, form: str = "paper", seed: int = 10) -> RouterParams:
+    g = torch.Generator().manual_seed(seed)
+    a, b = gelu_rational_init(form=form)
+    return RouterParams(
+        weight=torch.randn(n, d, generator=g),
+        numerator=a + 0.05 * torch.randn(a.shape, generator=g),
+        denominator=b + 0.05 * torch.randn(b.shape, generator=g),
+        top_k=top_k,
+        pooler=pooler,
+        form=form,
+        query=torch.randn(d, generator=g) if pooler == "attention" else None,
+    )
+
+
+def _two_adapter_groups(d: int = 8):
+    first = (_router(3, d, 2, "mean", seed=11), torch.tensor([0, 2, 3]), torch.tensor([0, 2, 4]))
+    second = (_router(2, d, 1, "attention", "safe", seed=12), torch.tensor([4, 1]), torch.tensor([5, 1]))
+    return [first, second]
+
+
+def test_route_groups_two_adapters_on_disjoint_rows_and_columns() -> None:
+    hidden, mask, _ = _prompt_batch()
+    groups = _two_adapter_groups()
+    gates, probs = route_groups(hidden, mask, groups, 7)
+    assert gates.shape == (5, 7) and gates.dtype == torch.float32
+    torch.testing.assert_close(gates.double(), route_groups_reference(hidden, mask, groups, 7), atol=1e-5, rtol=1e-5)
+    assert gates[:, [3, 6]].abs().max() == 0  # columns of no adapter
+    assert gates[[1, 4]][:, [0, 2, 4]].abs().max() == 0 and gates[[0, 2, 3]][:, [5, 1]].abs().max() == 0
+    assert ((gates != 0).sum(-1) == torch.tensor([2, 1, 2, 2, 1])).all()  # each row its adapter's top-k
+    assert [p.shape for p in probs] == [(3, 3), (2, 2)]
+    for p, (router, rows, _) in zip(probs, groups):
+        expected, _ = route_prompts(hidden[rows], mask[rows], router)
+        torch.testing.assert_close(p, expected)
+
+
+def test_route_groups_over_every_row() -> None:
+    hidden, mask, _ = _prompt_batch()
+    groups = [
+        (_router(3, 8, 2, "last", seed=13), None, torch.tensor([3, 0, 1])),
+        (_router(2, 8, 2, "max", "safe", seed=14), torch.tensor([2]), torch.tensor([4, 2])),
+    ]
+    gates, probs = route_groups(hidden, mask, groups, 5)
+    torch.testing.assert_close(gates.double(), route_groups_reference(hidden, mask, groups, 5), atol=1e-5, rtol=1e-5)
+    assert ((gates[:, [3, 0, 1]] != 0).sum(-1) == 2).all()
+    assert gates[[0, 1, 3, 4]][:, [4, 2]].abs().max() == 0
+    assert [p.shape for p in probs] == [(5, 3), (1, 2)]
+
+
+def _trainable(router: RouterParams) -> RouterParams:
+    query = None if router.query is None else router.query.clone().requires_grad_()
+    return replace(
+        router,
+        weight=router.weight.clone().requires_grad_(),
+        numerator=router.numerator.clone().requires_grad_(),
+        denominator=router.denominator.clone().requires_grad_(),
+        query=query,
+    )
+
+
+def test_route_groups_gradients_reach_each_router() -> None:
+    hidden, mask, _ = _prompt_batch()
+    groups = _two_adapter_groups() + [(_router(2, 8, 1, "last", seed=15), None, torch.tensor([3, 6]))]
+    groups = [(_trainable(router), rows, columns) for router, rows, columns in groups]
+    routers = [router for router, _, _ in groups]
+    weights = [router.weight for router in routers]
+    others = [routers[0].numerator, routers[1].denominator, routers[1].query]
+    upstream = torch.randn(5, 7, generator=torch.Generator().manual_seed(16))
+    gates, _ = route_groups(hidden, mask, groups, 7)
+    grads = torch.autograd.grad((gates * upstream).sum(), weights + others)
+    reference = route_groups_reference(hidden, mask, groups, 7)
+    expected = torch.autograd.grad((reference * upstream.double()).sum(), weights + others)
+    for grad, want in zip(grads, expected):
+        assert torch.isfinite(grad).all() and grad.abs().max() > 0
+        torch.testing.assert_close(grad.double(), want.double(), atol=1e-4, rtol=1e-4)
+
+
+def test_expert_row_scales_put_one_on_lora_rows() -> None:
+    gates = torch.tensor([[0.5, 0.0, 0.2], [0.3, 0.6, 0.0], [0.1, 0.0, 0.9], [0.0, 0.0, 0.0]])
+    lora_rows = torch.tensor([False, True, False, True])
+    scales = expert_row_scales(gates, lora_rows)
+    torch.testing.assert_close(scales[[1, 3]], torch.ones(2, 3))
+    torch.testing.assert_close(scales[[0, 2]], gates[[0, 2]])
+    assert torch.equal(expert_row_scales(gates, None), gates)
