@@ -57,7 +57,7 @@ def adapted_linear(
     base_args: tuple = (),
     base_kwargs: Optional[dict[str, Any]] = None,
 ) -> Tensor:
-    """Semantics: y = ((x ∘ l_in) (W0 ∘ ΔW_F) + bias + Σ_terms g ∘ (x' ∘ l_in) Aᵀ B) ∘ l_out, per row.
+    """Semantics: y = ((x ∘ l_in) (W0 ∘ ΔW_F) + bias + Σ_terms g ∘ x_t Aᵀ B) ∘ l_out, x_t = term.x or x ∘ l_in.
 
     Each factor applies only when given: ``flora`` (a bank pair, rows by ``indices``; without it the base layer
     runs as it is, with ``base_args`` / ``base_kwargs``), ``lora`` terms, IA3's ``ia3_in`` (a feed-forward layer's
