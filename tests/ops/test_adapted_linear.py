@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from flora_hf.ops import (
     LoRATerm,
@@ -26,23 +24,11 @@ from flora_hf.ops.reference import (
     lora_linear_reference,
     merged_weight_reference,
 )
+from tests.ops.layers import D_IN, D_OUT, ROLES, make_layer
 
-D_IN, D_OUT = 12, 10
 KINDS = ["linear", "conv1d"]
 SHAPES = [(5, D_IN), (5, 3, D_IN)]
 SHAPE_IDS = ["decode", "prefill"]
-ROLES = ("flora_in", "flora_out", "lora_a", "lora_b", "ia3_in", "ia3_out")
-
-
-def make_layer(kind: str):
-    """An ``nn.Linear`` or GPT-2 ``Conv1D`` with outputs O(1); also W0 as ``(d_in, d_out)`` and the bias."""
-    w_in_out, bias = torch.randn(D_IN, D_OUT) / D_IN**0.5, torch.randn(D_OUT)
-    layer = nn.Linear(D_IN, D_OUT) if kind == "linear" else Conv1D(D_OUT, D_IN)
-    with torch.no_grad():
-        layer.weight.copy_(w_in_out.t() if kind == "linear" else w_in_out)
-        layer.bias.copy_(bias)
-    layer.requires_grad_(False)
-    return layer, w_in_out, bias
 
 
 def flora_adapters(ranks: list[int]):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from flora_hf.ops import (
     LoRATerm,
@@ -22,19 +20,7 @@ from flora_hf.ops import (
     role_dim,
 )
 from flora_hf.ops.reference import adapted_linear_reference, merged_weight_reference, neutral_row_reference
-
-D_IN, D_OUT = 12, 10
-ROLES = ("flora_in", "flora_out", "lora_a", "lora_b", "ia3_in", "ia3_out")
-
-
-def make_layer(kind: str):
-    w_in_out, bias = torch.randn(D_IN, D_OUT) / D_IN**0.5, torch.randn(D_OUT)
-    layer = nn.Linear(D_IN, D_OUT) if kind == "linear" else Conv1D(D_OUT, D_IN)
-    with torch.no_grad():
-        layer.weight.copy_(w_in_out.t() if kind == "linear" else w_in_out)
-        layer.bias.copy_(bias)
-    layer.requires_grad_(False)
-    return layer, w_in_out, bias
+from tests.ops.layers import D_IN, D_OUT, ROLES, make_layer
 
 
 def one_adapter(flora_rank: int = 2, lora_rank: int = 2) -> dict[str, torch.Tensor]:
