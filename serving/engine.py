@@ -144,6 +144,8 @@ class LLMEngine:
         with self._cond:
             if not self._accepting:
                 raise OverloadedError("the server is shutting down")
+            if request.id in self._entries:  # entries are keyed by id: a second one would take the first's place
+                raise ValueError(f"request id {request.id} is already in flight")
             if len(self._entries) >= self.limits.max_concurrent_requests:
                 raise OverloadedError("Model is overloaded")
             if entry.budget > self.limits.max_batch_total_tokens:
@@ -355,16 +357,16 @@ class LLMEngine:
         return outputs, (Batch.concatenate(running) if len(running) > 1 else next(iter(running), None)), failures
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
-        done = []
-        for out in outputs:
-            entry = self._entries.get(out.request_id)
-            if entry is not None:
-                entry.send(out)
-            if out.finished:
-                done.append(out.request_id)
+        """Send each output to its request; finished requests are let go first, so that a client that has seen
+        its last token finds its request id and adapter slot free."""
+        receivers = [(self._entries.get(out.request_id), out) for out in outputs]
+        done = [out.request_id for out in outputs if out.finished]
         if done:
             with self._cond:
                 self._finish(done)
+        for entry, out in receivers:
+            if entry is not None:
+                entry.send(out)
 
     def _finish(self, request_ids: list[int]) -> None:
         for rid in request_ids:
@@ -373,9 +375,9 @@ class LLMEngine:
                 self.store.release(entry.adapter.name, entry.adapter.slot)
 
     def _fail(self, entries: list[_Entry], error: Exception) -> None:
+        self._finish([e.request.id for e in entries])
         for entry in entries:
             entry.send(error)
-        self._finish([e.request.id for e in entries])
 
 
 def resolve_device(name: str = "auto") -> torch.device:

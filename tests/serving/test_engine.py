@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 
 import pytest
 from peft import IA3Config, LoraConfig
@@ -16,6 +17,7 @@ from serving.types import (
     SamplingParameters,
     StoppingParameters,
     ValidationError,
+    next_request_id,
 )
 from tests.serving.tiny_serving import save_random_adapter, tiny_causal_lm, tiny_tokenizer
 
@@ -63,6 +65,11 @@ def request(prompt: str, adapter: str | None = None, max_new_tokens: int = 12, *
 
 async def collect(engine, req: GenerationRequest) -> list:
     return [out async for out in engine.generate(req)]
+
+
+def fresh(req: GenerationRequest) -> GenerationRequest:
+    """The same request again, under a new id (as a client's retry reaches the engine)."""
+    return dataclasses.replace(copy.deepcopy(req), id=next_request_id())
 
 
 def run(coro):
@@ -308,6 +315,26 @@ def test_one_failing_row_does_not_fail_the_rows_beside_it(adapter_dir) -> None:
     assert [[o.token.id for o in t] for t in survivors] == [[o.token.id for o in a] for a in alone]
 
 
+def test_a_request_id_already_in_flight_is_refused(adapter_dir) -> None:
+    """Entries are keyed by request id: a second request under a live id would replace the first's entry (whose
+    finish would then drop the second, which then never got an answer)."""
+    engine = make_engine(adapter_dir)
+    first = request("def add(", max_new_tokens=30)
+
+    async def main():
+        stream = engine.generate(first)
+        await stream.__anext__()  # in flight
+        with pytest.raises(ValueError, match="already in flight"):
+            await collect(engine, copy.deepcopy(first))
+        rest = [out async for out in stream]
+        again = await collect(engine, copy.deepcopy(first))  # the id is free once the first finished
+        await engine.shutdown()
+        return rest, again
+
+    rest, again = run(main())
+    assert rest[-1].finished and again[-1].finished
+
+
 @pytest.mark.parametrize("where", ["forward", "row_loop"])
 def test_a_row_failing_mid_decode_fails_alone_and_the_others_continue_exactly(adapter_dir, where) -> None:
     """A decode step that raises part-way, after the model extended the KV cache of every row ("forward") or after
@@ -347,9 +374,10 @@ def test_a_row_failing_mid_decode_fails_alone_and_the_others_continue_exactly(ad
     ]
 
     async def main():
-        alone = [await collect(engine, copy.deepcopy(r)) for i, r in enumerate(cases) if i != 2]
-        together = await asyncio.gather(*(collect(engine, copy.deepcopy(r)) for r in cases), return_exceptions=True)
-        after = await collect(engine, copy.deepcopy(cases[0]))  # and the engine keeps serving
+        # fresh copies, each with its own request id (a copy keeps the id, and ids are unique while in flight)
+        alone = [await collect(engine, fresh(r)) for i, r in enumerate(cases) if i != 2]
+        together = await asyncio.gather(*(collect(engine, fresh(r)) for r in cases), return_exceptions=True)
+        after = await collect(engine, fresh(cases[0]))  # and the engine keeps serving
         await engine.shutdown()
         return alone, together, after
 
