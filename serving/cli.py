@@ -18,9 +18,13 @@ from serving.settings import ServerSettings, parse_args
 logger = logging.getLogger("serving")
 
 
-def load_engine_factory(spec: Optional[str] = None) -> Callable[[ServerSettings], Any]:
-    """``module:function``; imported lazily so ``--help`` works without torch or a model."""
-    spec = spec or os.environ.get("FLORA_ENGINE_FACTORY") or "serving.engine:build_engine"
+ENGINE_FACTORIES = {"native": "serving.engine:build_engine", "vllm": "serving.vllm_engine:build_vllm_engine"}
+
+
+def load_engine_factory(spec: Optional[str] = None, engine: str = "native") -> Callable[[ServerSettings], Any]:
+    """``module:function`` (default: the one for ``--engine``); imported lazily so ``--help`` works without torch
+    or a model."""
+    spec = spec or os.environ.get("FLORA_ENGINE_FACTORY") or ENGINE_FACTORIES[engine]
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise SystemExit(f"FLORA_ENGINE_FACTORY must look like `module:function`, not {spec!r}")
@@ -36,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from serving.api import create_app
 
-    engine = load_engine_factory()(settings)
+    engine = load_engine_factory(engine=settings.engine)(settings)
     app = create_app(engine, settings)
     logger.info("serving %s on %s:%d", settings.model_id, settings.hostname, settings.port)
     config = uvicorn.Config(

@@ -120,6 +120,14 @@ class ServerSettings(BaseSettings):
         False, "TRUST_REMOTE_CODE", help="allow the model's and tokenizer's own code from the hub"
     )
     device: str = _setting("auto", "FLORA_DEVICE", "DEVICE", help="auto, cpu or cuda")
+    engine: Literal["native", "vllm"] = _setting(
+        "native", "FLORA_ENGINE",
+        help="native: flora-serve's own engine (one device); vllm: vLLM underneath (paged KV cache, tensor parallel "
+        "with --num-shard; pip install 'flora-hf[vllm]')",
+    )  # fmt: skip
+    num_shard: int = _setting(
+        1, "NUM_SHARD", ge=1, help="devices the model is split over, tensor parallel (TGI's flag; needs --engine vllm)"
+    )
     adapter_roots: Annotated[list[str], NoDecode] = _setting(
         [], "FLORA_ADAPTER_ROOTS",
         help="comma-separated folders adapters may be hot-loaded from (default: parents of --lora-adapters)",
@@ -185,6 +193,12 @@ class ServerSettings(BaseSettings):
         if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
             raise ValueError("must be auto, cpu or cuda[:N]")
         return value
+
+    @model_validator(mode="after")
+    def _one_device_unless_vllm(self) -> ServerSettings:
+        if self.num_shard > 1 and self.engine != "vllm":
+            raise ValueError(f"--num-shard={self.num_shard} (NUM_SHARD) is not supported: {_ONE_DEVICE}")
+        return self
 
     @model_validator(mode="after")
     def _token_budgets(self) -> ServerSettings:
@@ -279,14 +293,13 @@ def _listen_address(hostname: str) -> str:
     return hostname
 
 
-_ONE_DEVICE = "flora-serve's own engine runs the model on one device (tensor parallel is not supported)"
+_ONE_DEVICE = "flora-serve's own engine runs the model on one device; --engine vllm runs tensor parallel"
 _WATERMARK = "watermarking is not supported (requests with `watermark: true` are refused)"
 
 # TGI launcher options that flora-serve has no use for: (flag, env, type, accepted(value), why). A value that asks for
 # nothing beyond what flora-serve does is accepted; any other is refused at start, never silently ignored.
 _TGI_LAUNCHER_ONLY: list[tuple[str, str, Any, Callable[[Any], bool], str]] = [
-    ("num_shard", "NUM_SHARD", int, lambda v: v == 1, _ONE_DEVICE),
-    ("sharded", "SHARDED", _bool, lambda v: not v, _ONE_DEVICE),
+    ("sharded", "SHARDED", _bool, lambda v: not v, f"{_ONE_DEVICE} (give its size with --num-shard)"),
     ("speculate", "SPECULATE", int, lambda v: v == 0, "speculative decoding is not supported"),
     ("rope_scaling", "ROPE_SCALING", str, lambda v: False, "set RoPE scaling in the model's config.json"),
     ("rope_factor", "ROPE_FACTOR", float, lambda v: False, "set RoPE scaling in the model's config.json"),

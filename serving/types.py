@@ -168,6 +168,8 @@ class Engine(Protocol):
 
     # Optional: ``has_adapter(name) -> bool``, the engine's own adapter check (LLMEngine's asks its adapter store);
     # the validator then calls it instead of looking the name up in ``adapter_names()``.
+    # Optional: ``async start() -> None``, awaited on the server's event loop before it serves (the vLLM engine loads
+    # its start-up adapters there); an exception stops the server from starting.
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Hot-load a PEFT-format folder under the configured roots; raises AdapterError with a clear message."""

@@ -79,6 +79,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        start = getattr(engine, "start", None)  # optional: an engine with async start-up work (vLLM's adapters)
+        if start is not None:
+            await start()
         yield
         await state.drain()
 

@@ -110,3 +110,23 @@ def test_tgi_launcher_values_that_ask_for_nothing_are_accepted():
     env = {"NUM_SHARD": "1", "CUDA_GRAPHS": "0", "USAGE_STATS": "off", "DISABLE_GRAMMAR_SUPPORT": "true"}
     argv = ["--model-id", "m", "--sharded", "false", "--enable-prefill-logprobs", "--otlp-service-name", "x"]
     assert parse_args(argv, env=env).model_id == "m"
+
+
+def test_tensor_parallel_needs_the_vllm_engine(capsys):
+    settings = parse_args(["--model-id", "m", "--engine", "vllm", "--num-shard", "2"], env={})
+    assert (settings.engine, settings.num_shard) == ("vllm", 2)
+    assert parse_args(["--model-id", "m"], env={"FLORA_ENGINE": "vllm", "NUM_SHARD": "4"}).num_shard == 4
+    with pytest.raises(SystemExit):
+        parse_args(["--model-id", "m"], env={"NUM_SHARD": "2"})
+    assert "--num-shard=2 (NUM_SHARD) is not supported" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--model-id", "m", "--engine", "tgi"], env={})
+    assert "--engine='tgi'" in capsys.readouterr().err
+
+
+def test_the_engine_flag_picks_the_engine_factory(monkeypatch):
+    from serving.cli import load_engine_factory
+
+    monkeypatch.delenv("FLORA_ENGINE_FACTORY", raising=False)
+    assert load_engine_factory(engine="native").__name__ == "build_engine"
+    assert load_engine_factory(engine="vllm").__name__ == "build_vllm_engine"  # importable without vLLM

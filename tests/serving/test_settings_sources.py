@@ -45,6 +45,8 @@ ENV_CASES = [
     ("QUANTIZE", "bitsandbytes", "quantize", "bitsandbytes"),
     ("TRUST_REMOTE_CODE", "true", "trust_remote_code", True),
     ("FLORA_DEVICE", "cpu", "device", "cpu"),
+    ("FLORA_ENGINE", "vllm", "engine", "vllm"),
+    ("NUM_SHARD", "1", "num_shard", 1),
     ("DEVICE", "cuda:1", "device", "cuda:1"),
     ("FLORA_ADAPTER_ROOTS", "/a,/b", "adapter_roots", ["/a", "/b"]),
     ("FLORA_MAX_LOADED_ADAPTERS", "5", "max_loaded_adapters", 5),
@@ -70,10 +72,10 @@ FLAGS = {
     "--json-output", "--validation-workers", "--dtype", "--quantize", "--trust-remote-code", "--device",
     "--adapter-roots", "--max-loaded-adapters", "--max-adapter-rank", "--api-key", "--cors-allow-origin",
     "--payload-limit", "--log-level", "--graceful-shutdown-timeout", "--graceful-termination-timeout",
-    "--no-compat-return-full-text",
+    "--no-compat-return-full-text", "--engine", "--num-shard",
 }  # fmt: skip
 LAUNCHER_ONLY_FLAGS = {
-    "--num-shard", "--sharded", "--speculate", "--rope-scaling", "--rope-factor", "--cuda-graphs",
+    "--sharded", "--speculate", "--rope-scaling", "--rope-factor", "--cuda-graphs",
     "--cuda-memory-fraction", "--kv-cache-dtype", "--otlp-endpoint", "--otlp-service-name", "--watermark-gamma",
     "--watermark-delta", "--tokenizer-config-path", "--weights-cache-override", "--disable-grammar-support",
     "--disable-custom-kernels", "--enable-prefill-logprobs", "--usage-stats",
