@@ -125,6 +125,11 @@ class ServerSettings(BaseSettings):
         help="native: flora-serve's own engine (one device); vllm: vLLM underneath (paged KV cache, tensor parallel "
         "with --num-shard; pip install 'flora-hf[vllm]')",
     )  # fmt: skip
+    kv_cache_memory_bytes: Optional[int] = _setting(
+        None, "FLORA_KV_CACHE_MEMORY_BYTES", ge=1,
+        help="--engine vllm: bytes of KV cache to reserve (default: vLLM's share of device memory, 90%%; on a CPU that "
+        "is host memory)",
+    )  # fmt: skip
     num_shard: int = _setting(
         1, "NUM_SHARD", ge=1, help="devices the model is split over, tensor parallel (TGI's flag; needs --engine vllm)"
     )

@@ -260,6 +260,12 @@ class VLLMEngine:
         self.llm.shutdown()
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_vllm_engine(settings: Any) -> VLLMEngine:
     """The engine ``flora-serve --engine vllm`` runs: vLLM's AsyncLLM with LoRA slots, start-up adapters loaded."""
     from transformers import AutoTokenizer
@@ -282,6 +288,9 @@ def build_vllm_engine(settings: Any) -> VLLMEngine:
         max_num_seqs=settings.max_batch_size or 256,
         max_num_batched_tokens=settings.max_batch_prefill_tokens,
         seed=0,
+        kv_cache_memory_bytes=settings.kv_cache_memory_bytes,
+        # CUDA graphs and compilation pay off on a GPU; on a CPU they cost minutes of start-up for little
+        enforce_eager=not _cuda_available(),
     )
     llm = AsyncLLM.from_engine_args(args, stat_loggers=[counts.logger_factory()])
     tokenizer = AutoTokenizer.from_pretrained(

@@ -46,6 +46,7 @@ ENV_CASES = [
     ("TRUST_REMOTE_CODE", "true", "trust_remote_code", True),
     ("FLORA_DEVICE", "cpu", "device", "cpu"),
     ("FLORA_ENGINE", "vllm", "engine", "vllm"),
+    ("FLORA_KV_CACHE_MEMORY_BYTES", "268435456", "kv_cache_memory_bytes", 268435456),
     ("NUM_SHARD", "1", "num_shard", 1),
     ("DEVICE", "cuda:1", "device", "cuda:1"),
     ("FLORA_ADAPTER_ROOTS", "/a,/b", "adapter_roots", ["/a", "/b"]),
@@ -72,7 +73,7 @@ FLAGS = {
     "--json-output", "--validation-workers", "--dtype", "--quantize", "--trust-remote-code", "--device",
     "--adapter-roots", "--max-loaded-adapters", "--max-adapter-rank", "--api-key", "--cors-allow-origin",
     "--payload-limit", "--log-level", "--graceful-shutdown-timeout", "--graceful-termination-timeout",
-    "--no-compat-return-full-text", "--engine", "--num-shard",
+    "--no-compat-return-full-text", "--engine", "--num-shard", "--kv-cache-memory-bytes",
 }  # fmt: skip
 LAUNCHER_ONLY_FLAGS = {
     "--sharded", "--speculate", "--rope-scaling", "--rope-factor", "--cuda-graphs",

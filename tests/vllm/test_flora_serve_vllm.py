@@ -1,0 +1,99 @@
+"""``flora-serve --engine vllm``: TGI's routes over vLLM's async engine, adapters as vLLM LoRA requests.
+
+Runs inside .venv-vllm (``make test-vllm``); elsewhere it skips. One engine for the module: vLLM's start-up costs
+most of a minute on a CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip(
+    "vllm", reason="vLLM is not installed here: make setup-vllm creates .venv-vllm, make test-vllm runs this"
+)
+
+import torch  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from peft import LoraConfig, PeftModel  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from serving.api import create_app  # noqa: E402
+from serving.settings import ServerSettings  # noqa: E402
+from serving.vllm_engine import build_vllm_engine  # noqa: E402
+from tests.serving.tiny_serving import save_random_adapter, tiny_tokenizer  # noqa: E402
+
+PROMPTS = ["def add(a, b):", "sub fib {", "local function f(x)"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    """Wide enough for vLLM's CPU attention (head size 32)."""
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-serve")
+    base = tiny_llama()
+    base.save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    save_random_adapter(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS), root / "lora", seed=1)
+    settings = ServerSettings(
+        model_id=str(root / "model"), engine="vllm", lora_adapters={"lora": str(root / "lora")},
+        adapter_roots=[str(root)], dtype="float32", max_total_tokens=256, max_input_tokens=128,
+        max_loaded_adapters=4, max_adapter_rank=16, kv_cache_memory_bytes=256 << 20,
+    )  # fmt: skip
+    engine = build_vllm_engine(settings)
+    with TestClient(create_app(engine, settings)) as client:  # runs the app's lifespan: start-up adapters load
+        yield client, base, root
+
+
+def peft_greedy(base, folder, prompt: str, n: int) -> list[int]:
+    tok = tiny_tokenizer()
+    model = PeftModel.from_pretrained(base, folder).eval() if folder else base
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def generated_ids(client, prompt: str, adapter=None, n: int = 8) -> list[int]:
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": n, "details": True}}
+    if adapter:
+        body["parameters"]["adapter_id"] = adapter
+    response = client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    return [t["id"] for t in response.json()["details"]["tokens"]]
+
+
+def test_generate_matches_peft_for_base_and_lora_rows(served):
+    client, base, root = served
+    for prompt in PROMPTS:
+        assert generated_ids(client, prompt) == peft_greedy(base, None, prompt, 8)
+    for prompt in PROMPTS:
+        assert generated_ids(client, prompt, "lora") == peft_greedy(tiny_llama(), root / "lora", prompt, 8)
+
+
+def test_an_unknown_adapter_is_a_422_naming_it(served):
+    client, *_ = served
+    response = client.post("/generate", json={"inputs": "x", "parameters": {"adapter_id": "perl"}})
+    assert response.status_code == 422 and "perl" in response.json()["error"]
+
+
+def test_stream_info_health_metrics_tokenize(served):
+    client, *_ = served
+    with client.stream(
+        "POST", "/generate_stream", json={"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 4}}
+    ) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert len(events) == 4 and '"generated_text"' in events[-1]
+    assert client.get("/health").status_code == 200
+    assert client.get("/info").json()["model_id"].endswith("model")
+    assert "tgi_request_count" in client.get("/metrics").text
+    assert client.post("/tokenize", json={"inputs": PROMPTS[0]}).status_code == 200
