@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 0.85  # FLoRA r=1 with 256 distinct adapters keeps >= 0.85x the no-adapter throughput
 TARGET_ADAPTERS = 256
 SCENARIO_RE = re.compile(r"^(flora|lora)-r(\d+)-x(\d+)$")
+ENGINES = ("native", "vllm")
 PROMPT_SOURCES = ("flora_hf", "serving", "trainers")  # local code the prompts are cut from
 QUICK = {"num_requests": 40, "rates": "20,inf", "repeats": 2}
 DEFAULT = {"num_requests": 80, "rates": "10,40,inf", "repeats": 5}
@@ -66,26 +67,39 @@ class BenchError(RuntimeError):
 # ------------------------------------------------------------------------------------------------------ settings
 @dataclass(frozen=True)
 class Scenario:
-    """One server configuration: no adapters, or ``num_adapters`` adapters of one method and rank."""
+    """One server configuration: no adapters, or ``num_adapters`` adapters of one method and rank, on one engine
+    (``vllm:`` before the name: ``flora-serve --engine vllm``; none: flora-serve's own engine)."""
 
     name: str
     method: Optional[str] = None  # "flora" | "lora" | None
     rank: int = 0
     num_adapters: int = 0
+    engine: str = "native"
 
     @classmethod
-    def parse(cls, name: str) -> Scenario:
-        if name == "none":
-            return cls("none")
-        match = SCENARIO_RE.match(name)
+    def parse(cls, name: str, default_engine: str = "native") -> Scenario:
+        engine, _, rest = name.rpartition(":")
+        engine = engine or default_engine
+        if engine not in ENGINES:
+            raise argparse.ArgumentTypeError(f"scenario {name!r}: unknown engine {engine!r} (one of {ENGINES})")
+        full = rest if engine == "native" else f"{engine}:{rest}"
+        if rest == "none":
+            return cls(full, engine=engine)
+        match = SCENARIO_RE.match(rest)
         if not match or int(match[2]) < 1 or int(match[3]) < 1:
             raise argparse.ArgumentTypeError(f"scenario {name!r}: expected `none` or `flora|lora-r<rank>-x<count>`")
-        return cls(name, match[1], int(match[2]), int(match[3]))
+        return cls(full, match[1], int(match[2]), int(match[3]), engine)
+
+    @property
+    def baseline(self) -> str:
+        """The no-adapter scenario of the same engine, which this one's throughput is a ratio to."""
+        return "none" if self.engine == "native" else f"{self.engine}:none"
 
     def label(self) -> str:
+        where = "" if self.engine == "native" else f" ({self.engine})"
         if self.method is None:
-            return "no adapters"
-        return f"{'FLoRA' if self.method == 'flora' else 'LoRA'} r={self.rank}, {self.num_adapters} adapters"
+            return f"no adapters{where}"
+        return f"{'FLoRA' if self.method == 'flora' else 'LoRA'} r={self.rank}, {self.num_adapters} adapters{where}"
 
 
 def parse_rates(text: str) -> list[float]:
@@ -115,8 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--scenarios",
         default=None,
-        help="comma list of `none` and `flora|lora-r<rank>-x<count>` "
+        help="comma list of `none` and `flora|lora-r<rank>-x<count>`, each optionally prefixed `vllm:` (run on "
+        "flora-serve --engine vllm; needs vLLM installed, make setup-vllm) "
         "(default: none, flora-r1-x<few>, flora-r1-x<many>, flora-r4-x<many>, lora-r1-x<many>, lora-r8-x<many>)",
+    )
+    add("--engine", choices=ENGINES, default="native", help="the engine of scenarios without an engine prefix")
+    add(
+        "--kv-cache-memory-bytes",
+        type=int,
+        default=1 << 30,
+        help="flora-serve --kv-cache-memory-bytes for vLLM servers (vLLM otherwise reserves 90%% of the memory)",
     )
     add("--many-adapters", type=int, default=TARGET_ADAPTERS, help="adapter count of the big scenarios")
     add("--few-adapters", type=int, default=32, help="adapter count of the small FLoRA r=1 scenario")
@@ -175,11 +197,14 @@ def resolve_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     try:
         args.rate_values = parse_rates(args.rates)
         names = args.scenarios or default_scenarios(args.few_adapters, args.many_adapters)
-        args.scenario_list = list(dict.fromkeys(Scenario.parse(n.strip()) for n in names.split(",") if n.strip()))
+        args.scenario_list = list(
+            dict.fromkeys(Scenario.parse(n.strip(), args.engine) for n in names.split(",") if n.strip())
+        )
     except (argparse.ArgumentTypeError, ValueError) as exc:
         parser.error(str(exc))
-    if "none" not in [s.name for s in args.scenario_list]:
-        parser.error("--scenarios must include `none`: every throughput is reported as a ratio to it")
+    names = {s.name for s in args.scenario_list}
+    for missing in sorted({s.baseline for s in args.scenario_list} - names):
+        parser.error(f"--scenarios must include `{missing}`: every throughput is reported as a ratio to it")
     if args.num_requests < 1 or args.repeats < 1:
         parser.error("--num-requests and --repeats must be >= 1")
     if not 1 <= args.prompt_min <= args.prompt_max or not 1 <= args.output_min <= args.output_max:
@@ -436,6 +461,8 @@ def server_command(args: argparse.Namespace, model_dir: str, sc: Scenario, adapt
         "--max-adapter-rank": max(16, sc.rank),
         "--lora-adapters": ",".join(f"{name}={path}" for name, path in adapters) or None,
     }
+    if sc.engine == "vllm":
+        flags |= {"--engine": "vllm", "--kv-cache-memory-bytes": args.kv_cache_memory_bytes}
     command = [sys.executable, "-m", "serving.cli"]
     for flag, value in flags.items():
         if value is not None:
@@ -626,7 +653,7 @@ def aggregate(runs: list[dict], scenarios: list[Scenario], rates: list[float]) -
             base = {
                 r["repeat"]: r["summary"]["throughput_tok_s"]
                 for r in runs
-                if r["scenario"] == "none" and r["rate"] == label
+                if r["scenario"] == sc.baseline and r["rate"] == label
             }
             throughputs = [r["summary"]["throughput_tok_s"] for r in mine]
             ratios = [r["summary"]["throughput_tok_s"] / base[r["repeat"]] for r in mine if base.get(r["repeat"])]
@@ -670,7 +697,7 @@ def verdict(agg: dict[str, dict[str, dict]], scenarios: list[Scenario], rates: l
     """The target at the highest rate (``inf`` saturates the server: the paper's maximum throughput)."""
     label = rate_label(max(rates))
     target = f"FLoRA r=1 with {TARGET_ADAPTERS} distinct adapters keeps >= {TARGET_RATIO}x the no-adapter throughput"
-    candidates = [sc for sc in scenarios if sc.method == "flora" and sc.rank == 1]
+    candidates = [sc for sc in scenarios if sc.method == "flora" and sc.rank == 1 and sc.engine == "native"]
     if not candidates:
         return {"target": target, "status": "N/A", "reason": "no FLoRA r=1 scenario was run"}
     sc = max(candidates, key=lambda s: s.num_adapters)
@@ -811,7 +838,7 @@ def print_table(console: Any, agg: dict, scenarios: list[Scenario], rates: list[
                 str(row["errors"]),
             )
     console.print(table)
-    console.print("* median over repeats of (scenario tok/s / none tok/s) in the same repeat and rate")
+    console.print("* median over repeats of (scenario tok/s / its engine's none tok/s) in the same repeat and rate")
 
 
 def print_verdict(console: Any, result: dict) -> None:

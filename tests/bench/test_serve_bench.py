@@ -44,3 +44,15 @@ def test_serve_bench_end_to_end(serve_bench, tiny_model_dir, tmp_path):
     for png in ("throughput_vs_rank", "latency_vs_rate"):
         (path,) = out.glob(f"serve_*_{png}.png")
         assert path.stat().st_size > 0
+
+
+def test_scenarios_name_their_engine_and_each_engine_needs_its_own_baseline(serve_bench, capsys):
+    parse = serve_bench.Scenario.parse
+    assert parse("vllm:flora-r2-x8") == serve_bench.Scenario("vllm:flora-r2-x8", "flora", 2, 8, "vllm")
+    assert parse("lora-r1-x4", "vllm").name == "vllm:lora-r1-x4" and parse("native:none").name == "none"
+    assert parse("vllm:lora-r8-x2").baseline == "vllm:none" and parse("flora-r1-x2").baseline == "none"
+    with pytest.raises(SystemExit):
+        serve_bench.resolve_args(["--scenarios", "none,vllm:flora-r1-x2"])
+    assert "must include `vllm:none`" in capsys.readouterr().err
+    with pytest.raises(serve_bench.argparse.ArgumentTypeError, match="unknown engine"):
+        parse("tgi:none")
