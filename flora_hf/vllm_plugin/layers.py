@@ -83,6 +83,7 @@ class FLoRALinearMixin:
         )
         self.flora_slot_rank = [0] * max_loras
         self.flora_slot_lora = [False] * max_loras
+        self.flora_compiled = _compiled()
 
     @staticmethod
     def _flora_bank(role, max_loras: int, rank: int, dim: int, dtype, device) -> Tensor:
@@ -97,6 +98,11 @@ class FLoRALinearMixin:
         """Why this layer cannot take FLoRA factors now, or None."""
         if self._flora_w0() is None:
             return f"its dense base weight W0 is not reachable ({type(self.base_layer).__name__} without a weight)"
+        if self.flora_compiled:
+            return (
+                "vLLM compiles this model (torch.compile or CUDA graphs), which would freeze the FLoRA layers' "
+                "host-side choices; start vLLM with enforce_eager=True (--enforce-eager) to serve FLoRA adapters"
+            )
         return None
 
     def reset_lora(self, index: int) -> None:
@@ -192,6 +198,18 @@ class FLoRALinearMixin:
         if result is not None and not current_platform.can_update_inplace():
             out = result
         return out.masked_fill_((token_slots < 0).unsqueeze(-1), 0)
+
+
+def _compiled() -> bool:
+    """Whether the vLLM config being built compiles the model or captures graphs (unknown: False)."""
+    from vllm.config import get_current_vllm_config_or_none
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+
+    config = get_current_vllm_config_or_none()
+    if config is None:
+        return False
+    compilation = config.compilation_config
+    return compilation.mode != CompilationMode.NONE or compilation.cudagraph_mode != CUDAGraphMode.NONE
 
 
 @lru_cache(maxsize=1)

