@@ -260,12 +260,6 @@ class VLLMEngine:
         self.llm.shutdown()
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def build_vllm_engine(settings: Any) -> VLLMEngine:
     """The engine ``flora-serve --engine vllm`` runs: vLLM's AsyncLLM with LoRA slots, start-up adapters loaded."""
     from transformers import AutoTokenizer
@@ -289,8 +283,9 @@ def build_vllm_engine(settings: Any) -> VLLMEngine:
         max_num_batched_tokens=settings.max_batch_prefill_tokens,
         seed=0,
         kv_cache_memory_bytes=settings.kv_cache_memory_bytes,
-        # CUDA graphs and compilation pay off on a GPU; on a CPU they cost minutes of start-up for little
-        enforce_eager=not _cuda_available(),
+        # FLoRA's layers choose their path on the host each step, which torch.compile and CUDA graphs would freeze
+        # (the plugin refuses FLoRA in a compiled model): eager, as TGI's --cuda-graphs 0
+        enforce_eager=True,
     )
     llm = AsyncLLM.from_engine_args(args, stat_loggers=[counts.logger_factory()])
     tokenizer = AutoTokenizer.from_pretrained(

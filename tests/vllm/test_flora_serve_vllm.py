@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from peft import LoraConfig, PeftModel  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from flora_hf import FLoRAConfig  # noqa: E402
 from serving.api import create_app  # noqa: E402
 from serving.settings import ServerSettings  # noqa: E402
 from serving.vllm_engine import build_vllm_engine  # noqa: E402
@@ -45,8 +46,9 @@ def served(tmp_path_factory):
     base.save_pretrained(root / "model")
     tiny_tokenizer().save_pretrained(root / "model")
     save_random_adapter(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS), root / "lora", seed=1)
+    save_random_adapter(base, FLoRAConfig(r=2, target_modules=TARGETS), root / "flora", seed=2)
     settings = ServerSettings(
-        model_id=str(root / "model"), engine="vllm", lora_adapters={"lora": str(root / "lora")},
+        model_id=str(root / "model"), engine="vllm", lora_adapters={"lora": str(root / "lora"), "flora": str(root / "flora")},
         adapter_roots=[str(root)], dtype="float32", max_total_tokens=256, max_input_tokens=128,
         max_loaded_adapters=4, max_adapter_rank=16, kv_cache_memory_bytes=256 << 20,
     )  # fmt: skip
@@ -72,12 +74,25 @@ def generated_ids(client, prompt: str, adapter=None, n: int = 8) -> list[int]:
     return [t["id"] for t in response.json()["details"]["tokens"]]
 
 
-def test_generate_matches_peft_for_base_and_lora_rows(served):
+def test_generate_matches_peft_for_base_lora_and_flora_rows(served):
     client, base, root = served
     for prompt in PROMPTS:
         assert generated_ids(client, prompt) == peft_greedy(base, None, prompt, 8)
-    for prompt in PROMPTS:
-        assert generated_ids(client, prompt, "lora") == peft_greedy(tiny_llama(), root / "lora", prompt, 8)
+    for name in ("lora", "flora"):
+        for prompt in PROMPTS:
+            assert generated_ids(client, prompt, name) == peft_greedy(tiny_llama(), root / name, prompt, 8), name
+
+
+def test_concurrent_requests_with_different_adapters_each_get_their_own_tokens(served):
+    """One vLLM batch mixing base, LoRA and FLoRA rows (the TestClient sends them from threads at once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, *_ = served
+    cases = [(p, a) for p in PROMPTS for a in (None, "lora", "flora")]
+    alone = [generated_ids(client, p, a) for p, a in cases]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        together = list(pool.map(lambda case: generated_ids(client, *case), cases))
+    assert together == alone
 
 
 def test_an_unknown_adapter_is_a_422_naming_it(served):
