@@ -1,4 +1,5 @@
-"""vLLM serves FLoRA adapters through the flora plugin, exactly: a tiny Llama with FLoRA r=1, r=4 and LoRA r=8.
+"""vLLM serves FLoRA adapters through the flora plugin, exactly: a tiny Llama with FLoRA r=1 (all seven projections),
+FLoRA r=4 (five of them) and LoRA r=8.
 
 One LLM for the module (start-up is the slow part). Every row of a batch mixing base, FLoRA and LoRA rows gets
 PEFT's greedy tokens for that row alone (fp32), and flora-serve's own engine agrees; broken FLoRA folders are
@@ -47,7 +48,8 @@ def folders(tmp_path_factory):
         root,
         {
             "flora-r1": FLoRAConfig(r=1, target_modules=LLAMA_TARGETS),
-            "flora-r4": FLoRAConfig(r=4, target_modules=LLAMA_TARGETS),
+            # k_proj and gate_proj left out: those slices of qkv_proj and gate_up_proj stay the identity
+            "flora-r4": FLoRAConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
             "lora-r8": LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS),
             "flora-r20": FLoRAConfig(r=20, target_modules=["q_proj", "o_proj"]),
             "lora-b": LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS),
