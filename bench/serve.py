@@ -866,21 +866,30 @@ def plot_throughput(path: Path, agg: dict, scenarios: list[Scenario], rates: lis
 
     label = rate_label(max(rates))
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method, colour in (("flora", "tab:blue"), ("lora", "tab:orange")):
-        for count in sorted({sc.num_adapters for sc in scenarios if sc.method == method}):
-            points = sorted(
-                (sc.rank, agg[sc.name][label]) for sc in scenarios if sc.method == method and sc.num_adapters == count
-            )
-            ranks = [r for r, _ in points]
-            mids = [row["throughput_tok_s"] or 0.0 for _, row in points]
-            lows = [m - (row["throughput_min"] or 0.0) for m, (_, row) in zip(mids, points)]
-            highs = [(row["throughput_max"] or 0.0) - m for m, (_, row) in zip(mids, points)]
-            style = "-o" if count == max(sc.num_adapters for sc in scenarios) else "--s"
-            name = "FLoRA" if method == "flora" else "LoRA (bmm)"
-            ax.errorbar(
-                ranks, mids, yerr=[lows, highs], fmt=style, color=colour, capsize=3, label=f"{name}, {count} adapters"
-            )
-    base = agg["none"][label]["throughput_tok_s"]
+    groups = sorted({(sc.engine, sc.method, sc.num_adapters) for sc in scenarios if sc.method})
+    colours = {("native", "flora"): "tab:blue", ("native", "lora"): "tab:orange"}
+    colours |= {("vllm", "flora"): "tab:green", ("vllm", "lora"): "tab:red"}
+    for engine, method, count in groups:
+        colour = colours[(engine, method)]
+        points = sorted(
+            (sc.rank, sc.name)
+            for sc in scenarios
+            if (sc.engine, sc.method, sc.num_adapters) == (engine, method, count)
+        )
+        points = [(rank, agg[name][label]) for rank, name in points]
+        ranks = [r for r, _ in points]
+        mids = [row["throughput_tok_s"] or 0.0 for _, row in points]
+        lows = [m - (row["throughput_min"] or 0.0) for m, (_, row) in zip(mids, points)]
+        highs = [(row["throughput_max"] or 0.0) - m for m, (_, row) in zip(mids, points)]
+        style = "-o" if count == max(sc.num_adapters for sc in scenarios) else "--s"
+        name = ("FLoRA" if method == "flora" else "LoRA") + ("" if engine == "native" else f" ({engine})")
+        ax.errorbar(
+            ranks, mids, yerr=[lows, highs], fmt=style, color=colour, capsize=3, label=f"{name}, {count} adapters"
+        )
+    for engine in sorted({sc.engine for sc in scenarios} - {"native"}):
+        if (other := agg[f"{engine}:none"][label]["throughput_tok_s"]) is not None:
+            ax.axhline(other, color="black", ls="--", lw=0.8, label=f"no adapters ({engine})")
+    base = agg["none"][label]["throughput_tok_s"] if "none" in agg else None
     if base:
         ax.axhline(base, color="gray", ls=":", label="no adapters")
         ax.axhline(base * TARGET_RATIO, color="red", ls=":", lw=0.8, label=f"{TARGET_RATIO}x no adapters")
