@@ -25,6 +25,7 @@ LAYERS = {
     "flora_hf/milora/router.py": "route_groups",
     "serving/slot_layers.py": "adapted_linear",
     "serving/routers.py": "route_groups",
+    "flora_hf/vllm_plugin/layers.py": "flora_linear",  # per output slice of vLLM's packed layers
 }
 """Each adapted layer and router, and the core function that computes its forward."""
 
