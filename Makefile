@@ -69,6 +69,8 @@ demo: setup
 
 test: setup
 	$(call check-with,$(PY))
+	@if [ -x $(VLLM_VENV)/bin/python ]; then $(MAKE) --no-print-directory test-vllm; \
+	else echo "tests/vllm skipped: no $(VLLM_VENV) (make setup-vllm creates it; make test-vllm runs them)"; fi
 
 setup-vllm: $(VLLM_STAMP)
 
