@@ -15,36 +15,23 @@ pytest.importorskip(
 import torch  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from peft import LoraConfig, PeftModel  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from flora_hf import FLoRAConfig  # noqa: E402
 from serving.api import create_app  # noqa: E402
 from serving.settings import ServerSettings  # noqa: E402
 from serving.vllm_engine import build_vllm_engine  # noqa: E402
 from tests.serving.tiny_serving import save_random_adapter, tiny_tokenizer  # noqa: E402
+from tests.vllm.helpers import tiny_llama  # noqa: E402
 
 PROMPTS = ["def add(a, b):", "sub fib {", "local function f(x)"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    """Wide enough for vLLM's CPU attention (head size 32)."""
-    tok = tiny_tokenizer()
-    cfg = LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tok), max_position_embeddings=512,
-        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-serve")
-    base = tiny_llama()
-    base.save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
+    base = tiny_llama(root / "model")
     save_random_adapter(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS), root / "lora", seed=1)
     save_random_adapter(base, FLoRAConfig(r=2, target_modules=TARGETS), root / "flora", seed=2)
     settings = ServerSettings(
@@ -57,9 +44,11 @@ def served(tmp_path_factory):
         yield client, base, root
 
 
-def peft_greedy(base, folder, prompt: str, n: int) -> list[int]:
+def peft_greedy(model_dir, folder, prompt: str, n: int) -> list[int]:
+    """PEFT's greedy tokens, stopping at EOS as the server does."""
     tok = tiny_tokenizer()
-    model = PeftModel.from_pretrained(base, folder).eval() if folder else base
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(model, folder).eval() if folder else model
     ids = torch.tensor([tok(prompt)["input_ids"]])
     out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
     return out[0, ids.shape[1] :].tolist()
@@ -77,10 +66,10 @@ def generated_ids(client, prompt: str, adapter=None, n: int = 8) -> list[int]:
 def test_generate_matches_peft_for_base_lora_and_flora_rows(served):
     client, base, root = served
     for prompt in PROMPTS:
-        assert generated_ids(client, prompt) == peft_greedy(base, None, prompt, 8)
+        assert generated_ids(client, prompt) == peft_greedy(root / "model", None, prompt, 8)
     for name in ("lora", "flora"):
         for prompt in PROMPTS:
-            assert generated_ids(client, prompt, name) == peft_greedy(tiny_llama(), root / name, prompt, 8), name
+            assert generated_ids(client, prompt, name) == peft_greedy(root / "model", root / name, prompt, 8), name
 
 
 def test_concurrent_requests_with_different_adapters_each_get_their_own_tokens(served):
