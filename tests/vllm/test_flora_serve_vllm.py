@@ -34,10 +34,12 @@ def served(tmp_path_factory):
     base = tiny_llama(root / "model")
     save_random_adapter(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS), root / "lora", seed=1)
     save_random_adapter(base, FLoRAConfig(r=2, target_modules=TARGETS), root / "flora", seed=2)
+    save_random_adapter(base, FLoRAConfig(r=1, target_modules=TARGETS), root / "hot", seed=3)
+    save_random_adapter(base, FLoRAConfig(r=32, target_modules=TARGETS), root / "too-wide", seed=4)
     settings = ServerSettings(
         model_id=str(root / "model"), engine="vllm", lora_adapters={"lora": str(root / "lora"), "flora": str(root / "flora")},
         adapter_roots=[str(root)], dtype="float32", max_total_tokens=256, max_input_tokens=128,
-        max_loaded_adapters=4, max_adapter_rank=16, kv_cache_memory_bytes=256 << 20,
+        max_loaded_adapters=4, max_adapter_rank=16, kv_cache_memory_bytes=256 << 20, admin_token="s3cret",
     )  # fmt: skip
     engine = build_vllm_engine(settings)
     with TestClient(create_app(engine, settings)) as client:  # runs the app's lifespan: start-up adapters load
@@ -101,3 +103,17 @@ def test_stream_info_health_metrics_tokenize(served):
     assert client.get("/info").json()["model_id"].endswith("model")
     assert "tgi_request_count" in client.get("/metrics").text
     assert client.post("/tokenize", json={"inputs": PROMPTS[0]}).status_code == 200
+
+
+def test_admin_hot_load_and_unload_reach_vllm(served):
+    client, _, root = served
+    admin = {"Authorization": "Bearer s3cret"}
+    loaded = client.post("/admin/adapters", json={"name": "hot", "path": str(root / "hot")}, headers=admin)
+    assert loaded.status_code == 201, loaded.text
+    assert generated_ids(client, PROMPTS[0], "hot") == peft_greedy(root / "model", root / "hot", PROMPTS[0], 8)
+    refused = client.post("/admin/adapters", json={"name": "wide", "path": str(root / "too-wide")}, headers=admin)
+    assert refused.status_code == 422 and "rank" in refused.json()["error"]  # the reason, from the plugin
+    assert client.delete("/admin/adapters/hot", headers=admin).status_code == 200
+    gone = client.post("/generate", json={"inputs": "x", "parameters": {"adapter_id": "hot"}})
+    assert gone.status_code == 422
+    assert generated_ids(client, PROMPTS[0], "flora")  # and the server keeps serving
