@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from flora_hf.flora.bnb import is_8bit_linear
-from flora_hf.ops import BankRole, LoRATerm, adapted_linear, adapter_rows, neutral_row, role_dim
+from flora_hf.ops import BankRole, LoRATerm, adapted_linear, adapter_rows, neutral_bank, neutral_row, role_dim
 
 from .adapters.loader import linear_features
 from .step_metadata import AdapterContext
@@ -42,8 +42,8 @@ class SlotLinear(nn.Module):
     def _new_bank(self, role: BankRole) -> Tensor:
         weight = self.base_layer.weight
         dtype = torch.float16 if self.quantized else weight.dtype  # int8 weights: keep adapters in half precision
-        row = self._neutral(role, dtype, weight.device)
-        return row.unsqueeze(0).repeat(self.num_slots + 1, *([1] * row.dim()))
+        dim = role_dim(role, self.d_in, self.d_out)
+        return neutral_bank(role, self.num_slots, self.max_rank, dim, dtype=dtype, device=weight.device)
 
     @torch.no_grad()
     def write_slot(self, slot: int, tensors: dict[BankRole, Tensor]) -> None:

@@ -17,6 +17,7 @@ from .banks import (
     build_lora_bank,
     identity_row,
     lora_bank_row,
+    neutral_bank,
     neutral_row,
     pad_rank,
     role_dim,
@@ -37,7 +38,7 @@ from .flora import (
     scaled_base_matmul,
     weight_in_out,
 )
-from .lora import ia3_scale, lora_bmm_delta, lora_loop_delta, lora_scaling
+from .lora import ia3_scale, lora_bmm_delta, lora_delta, lora_loop_delta, lora_scaling
 from .milora import (
     POOLERS,
     RoutedGates,
@@ -94,8 +95,10 @@ __all__ = [
     "load_balance_loss",
     "lora_bank_row",
     "lora_bmm_delta",
+    "lora_delta",
     "lora_loop_delta",
     "lora_scaling",
+    "neutral_bank",
     "neutral_row",
     "pad_rank",
     "pool_prompt",

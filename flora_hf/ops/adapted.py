@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 from torch import Tensor, nn
 
 from .flora import base_call_kwargs, flora_linear
-from .lora import ia3_scale, lora_bmm_delta
+from .lora import ia3_scale, lora_delta
 from .milora import add_gated_lora
 
 
@@ -38,9 +38,8 @@ class LoRATerm:
 def _add_lora(y: Tensor, x: Tensor, term: LoRATerm) -> Tensor:
     if term.gate is not None:
         return add_gated_lora(y, x, term.a, term.b, term.indices, term.gate, term.rows)
-    if term.indices is None:
-        return y + ((x @ term.a.to(x.dtype).t()) @ term.b.to(x.dtype)).to(y.dtype)
-    return y + lora_bmm_delta(x, term.a, term.b, term.indices)
+    delta = lora_delta(x, term.a, term.b, term.indices)
+    return y + (delta if term.indices is not None else delta.to(y.dtype))
 
 
 def adapted_linear(

@@ -65,6 +65,12 @@ def neutral_row(role: BankRole, rank: int, dim: int, *, dtype=None, device=None)
     return bank_row(ones, ones, rank)[0]  # first rank row ones, the rest zeros (the same row for in and out)
 
 
+def neutral_bank(role: BankRole, slots: int, rank: int, dim: int, *, dtype=None, device=None) -> Tensor:
+    """Semantics: ``slots + 1`` copies of :func:`neutral_row` (row 0 and every empty slot mean "no adapter")."""
+    row = neutral_row(role, rank, dim, dtype=dtype, device=device)
+    return row.unsqueeze(0).repeat(slots + 1, *([1] * row.dim()))
+
+
 def adapter_rows(tensors: Mapping[BankRole, Tensor], rank: int) -> dict[BankRole, Tensor]:
     """Semantics: one adapter's tensors of a layer as bank rows of ``rank``.
 

@@ -32,6 +32,14 @@ def lora_bmm_delta(x: Tensor, bank_a: Tensor, bank_b: Tensor, indices: Tensor) -
     return delta.reshape(*x.shape[:-1], bank_b.shape[-1])
 
 
+def lora_delta(x: Tensor, a: Tensor, b: Tensor, indices: Optional[Tensor]) -> Tensor:
+    """Semantics: Δy = (x Aᵀ) B: per row from the banks with ``indices`` (:func:`lora_bmm_delta`), or, without,
+    ``a`` ``(R, d_in)`` and ``b`` ``(R, d_out)`` one adapter's factors for every row (two plain GEMMs)."""
+    if indices is None:
+        return (x @ a.to(x.dtype).t()) @ b.to(x.dtype)
+    return lora_bmm_delta(x, a, b, indices)
+
+
 def lora_loop_delta(x: Tensor, bank_a: Tensor, bank_b: Tensor, indices: Tensor) -> Tensor:
     """Semantics: as :func:`lora_bmm_delta`, computed PEFT's way (one masked pass per distinct adapter).
 

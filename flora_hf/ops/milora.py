@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .lora import lora_bmm_delta
+from .lora import lora_delta
 
 Pooler = Literal["last", "mean", "max", "attention"]
 POOLERS: tuple[str, ...] = ("last", "mean", "max", "attention")
@@ -266,10 +266,7 @@ def _select(indices: Optional[Tensor], rows: Tensor) -> Optional[Tensor]:
 
 
 def _rows_delta(x: Tensor, bank_a: Tensor, bank_b: Tensor, indices: Optional[Tensor], gate: Tensor) -> Tensor:
-    if indices is None:
-        delta = (x @ bank_a.to(x.dtype).t()) @ bank_b.to(x.dtype)
-    else:
-        delta = lora_bmm_delta(x, bank_a, bank_b, indices)
+    delta = lora_delta(x, bank_a, bank_b, indices)
     return delta * gate.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from flora_hf.ops import adapter_rows, flora_linear, neutral_row
+from flora_hf.ops import adapter_rows, flora_linear, neutral_bank
 
 from .loader import LayerSpec, SliceFactors
 
@@ -76,20 +76,14 @@ class FLoRALinearMixin:
     def create_lora_weights(self, max_loras: int, lora_config, model_config=None) -> None:
         super().create_lora_weights(max_loras, lora_config, model_config)
         rank, dtype, device = lora_config.max_lora_rank, lora_config.lora_dtype, self.device
+        to = {"dtype": dtype, "device": device}
         self.flora_in = tuple(
-            self._flora_bank("flora_in", max_loras, rank, self.input_size, dtype, device) for _ in self.output_slices
+            neutral_bank("flora_in", max_loras, rank, self.input_size, **to) for _ in self.output_slices
         )
-        self.flora_out = tuple(
-            self._flora_bank("flora_out", max_loras, rank, width, dtype, device) for width in self.output_slices
-        )
+        self.flora_out = tuple(neutral_bank("flora_out", max_loras, rank, width, **to) for width in self.output_slices)
         self.flora_slot_rank = [0] * max_loras
         self.flora_slot_lora = [False] * max_loras
         self.flora_compiled = _compiled()
-
-    @staticmethod
-    def _flora_bank(role, max_loras: int, rank: int, dim: int, dtype, device) -> Tensor:
-        row = neutral_row(role, rank, dim, dtype=dtype, device=device)
-        return row.unsqueeze(0).repeat(max_loras + 1, 1, 1)
 
     def flora_spec(self) -> LayerSpec:
         """The widths the loader checks an adapter's factors against."""

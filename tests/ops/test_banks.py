@@ -15,6 +15,7 @@ from flora_hf.ops import (
     build_lora_bank,
     identity_row,
     lora_bank_row,
+    neutral_bank,
     neutral_row,
     pad_rank,
     role_dim,
@@ -166,3 +167,11 @@ def test_an_adapter_padded_to_a_larger_rank_computes_the_same_output(kind: str) 
     expected = (x_in @ merged + bias + lora) * tensors["ia3_out"]
     torch.testing.assert_close(outputs[0][0], expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(outputs[0][1], layer(x[1]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_a_neutral_bank_is_slots_plus_one_neutral_rows(role):
+    bank = neutral_bank(role, 3, 4, D_IN)
+    assert bank.shape[0] == 4
+    for row in bank:
+        torch.testing.assert_close(row, neutral_row_reference(role, 4, D_IN), atol=0, rtol=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from flora_hf.ops import build_ia3_bank, build_lora_bank, ia3_scale, lora_bmm_delta, lora_loop_delta
+from flora_hf.ops import build_ia3_bank, build_lora_bank, ia3_scale, lora_bmm_delta, lora_delta, lora_loop_delta
 from flora_hf.ops.reference import ia3_reference, lora_linear_reference
 
 
@@ -29,3 +29,15 @@ def test_ia3_scaling_per_row() -> None:
     idx = torch.tensor([2, 0, 1])
     torch.testing.assert_close(ia3_scale(y, bank, idx), ia3_reference(y, bank, idx))
     torch.testing.assert_close(ia3_scale(y, bank, None), y)
+
+
+def test_lora_delta_takes_bank_rows_per_row_or_one_adapter_for_every_row():
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 6)
+    adapters = [(torch.randn(2, 6), torch.randn(5, 2), 0.5), (torch.randn(1, 6), torch.randn(5, 1), 2.0)]
+    bank_a, bank_b = build_lora_bank(adapters, 6, 5)
+    indices = torch.tensor([2, 0, 1])
+    torch.testing.assert_close(lora_delta(x, bank_a, bank_b, indices), lora_bmm_delta(x, bank_a, bank_b, indices))
+    a, b = bank_a[1], bank_b[1]
+    expected = torch.stack([(row @ a.t()) @ b for row in x])
+    torch.testing.assert_close(lora_delta(x, a, b, None), expected)
