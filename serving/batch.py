@@ -192,9 +192,11 @@ class Batch:
             layers_k = [[k] for k in ks] if layers_k is None else [acc + [k] for acc, k in zip(layers_k, ks)]
             layers_v = [[v] for v in vs] if layers_v is None else [acc + [v] for acc, v in zip(layers_v, vs)]
         adapters = [a for b in batches for a in b.adapters]
-        milora = MiLoRARouting.concatenate(
-            [b.milora for b in batches], [len(b) for b in batches], lora_row_mask(adapters, masks[0].device)
-        )
+        milora = None
+        if any(b.milora is not None for b in batches):  # the row mask is a device tensor: only when it is used
+            milora = MiLoRARouting.concatenate(
+                [b.milora for b in batches], [len(b) for b in batches], lora_row_mask(adapters, masks[0].device)
+            )
         cache = batches[0].cache
         for layer, ks, vs in zip(cache.layers, layers_k, layers_v):
             layer.keys = torch.cat(ks)

@@ -16,15 +16,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import AsyncIterator, Callable, Optional
 
 import torch
 
-from .adapters.hub import adapter_folder, is_hub_id
+from .adapters.hub import adapter_folder
 from .adapters.store import AdapterStore
 from .batch import Batch, RowAdapter
 from .model_runner import CausalLMRunner
+from .settings import default_adapter_roots
 from .step_metadata import AdapterContext
 from .types import (
     AdapterError,
@@ -455,8 +455,7 @@ def build_engine(settings) -> LLMEngine:
         trust_remote_code=settings.trust_remote_code,
     )
     _, max_total = settings.token_limits(getattr(model.config, "max_position_embeddings", None))
-    local = [p for p in settings.lora_adapters.values() if not is_hub_id(p)]
-    roots = settings.adapter_roots or sorted({str(Path(p).resolve().parent) for p in local})
+    roots = settings.adapter_roots or default_adapter_roots(settings.lora_adapters)
     limits = EngineLimits(
         max_concurrent_requests=settings.max_concurrent_requests,
         max_batch_total_tokens=settings.max_batch_total_tokens or max(16384, max_total),

@@ -248,8 +248,6 @@ class VLLMEngine:
             "queue_size": self.counts.waiting,
             "batch_size": self.counts.running,
             "in_flight": self._in_flight,
-            "batch_current_max_tokens": 0,
-            "milora_prompts_routed": 0,
         }
 
     async def shutdown(self, grace_seconds: float = 10.0) -> None:
