@@ -65,7 +65,7 @@ $(STAMP): pyproject.toml $(LOCK)
 
 demo: setup
 	$(PY) -m trainers.demo
-	$(PY) -m trainers.demo_serve
+	$(PY) -m trainers.demo.serve_demo
 
 test: setup
 	$(call check-with,$(PY))
@@ -210,5 +210,5 @@ eval-whisper: setup
 		--compare-base
 
 reproduce-small: setup
-	$(RUN_ENV) $(PY) -m trainers.reproduce_small $(if $(CODE_STEPS),--code-steps $(CODE_STEPS)) \
+	$(RUN_ENV) $(PY) -m trainers.demo.reproduce_small $(if $(CODE_STEPS),--code-steps $(CODE_STEPS)) \
 		$(if $(SPEECH_STEPS),--speech-steps $(SPEECH_STEPS)) $(if $(OUTPUT_DIR),--out $(OUTPUT_DIR))

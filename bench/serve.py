@@ -55,6 +55,7 @@ TARGET_ADAPTERS = 256
 SCENARIO_RE = re.compile(r"^(flora|lora)-r(\d+)-x(\d+)$")
 ENGINES = ("native", "vllm")
 PROMPT_SOURCES = ("flora_hf", "serving", "trainers")  # local code the prompts are cut from
+TINY_LLAMA = "tiny-llama"
 QUICK = {"num_requests": 40, "rates": "20,inf", "repeats": 2}
 DEFAULT = {"num_requests": 80, "rates": "10,40,inf", "repeats": 5}
 NOISY_SPREAD = 0.25  # (max - min) / median of a throughput over repeats above which the verdict is flagged
@@ -123,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     add = parser.add_argument
-    add("--model-id", default=None, help="model folder for flora-serve (default: the tiny code model, built once)")
+    add(
+        "--model-id",
+        default=None,
+        help=f"model folder for flora-serve (default: the tiny code model, built once; `{TINY_LLAMA}`: a random "
+        "Llama wide enough for vLLM's CPU attention, built once)",
+    )
     add("--device", default="auto", help="flora-serve --device: auto, cpu or cuda")
     add("--dtype", default=None, help="flora-serve --dtype (default: the server's: float16 on cuda, else float32)")
     add(
@@ -224,12 +230,44 @@ def default_model_dir() -> Path:
     system files, so installing a package invalidates it): only the model's shape matters for speed, and a rebuild
     takes many minutes on a CPU.
     """
-    from trainers.tiny_code_model import default_cache_dir, load_or_build_tiny_code_model
+    from trainers.offline.tiny_code_model import default_cache_dir, load_or_build_tiny_code_model
 
     folder = default_cache_dir()
     if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
         load_or_build_tiny_code_model()
     return folder
+
+
+def tiny_llama_dir() -> Path:
+    """A random Llama (width 128, 2 layers, 4 heads of 32, 2 kv heads) over a BPE tokenizer trained on this repo's
+    code, built once under the model cache. vLLM's CPU attention needs heads of 32 or more, which the tiny code model
+    does not have; only the shape matters for speed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainers.offline.model_cache import cache_root
+    from trainers.offline.tiny_code_model import train_tokenizer
+
+    folder = cache_root() / "bench-tiny-llama"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    texts = [p.read_text() for src in PROMPT_SOURCES for p in sorted((REPO / src).rglob("*.py"))]
+    tok = train_tokenizer(texts, vocab_size=512, block_size=2048)
+    config = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), max_position_embeddings=2048,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def resolve_model_dir(model_id: Optional[str]) -> str:
+    if model_id == TINY_LLAMA:
+        return str(tiny_llama_dir())
+    return str(Path(model_id).expanduser()) if model_id else str(default_model_dir())
 
 
 def peft_config(method: str, rank: int, target_modules: list[str]) -> Any:
@@ -1005,7 +1043,7 @@ def run(args: argparse.Namespace, console: Any, command: list[str]) -> dict:
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
-    model_dir = str(Path(args.model_id).expanduser()) if args.model_id else str(default_model_dir())
+    model_dir = resolve_model_dir(args.model_id)
     check_lengths(args, model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     source = PromptSource(tokenizer, prompt_token_ids(tokenizer, args.prompt_max))

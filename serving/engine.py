@@ -20,6 +20,8 @@ from typing import AsyncIterator, Callable, Optional
 
 import torch
 
+from flora_hf.loading import ModelLoadError, load_causal_lm
+
 from .adapters.hub import adapter_folder
 from .adapters.store import AdapterStore
 from .batch import Batch, RowAdapter
@@ -398,25 +400,23 @@ def load_model_and_tokenizer(
     """Load a causal LM from a local folder or the hub, with a message that says what to do offline. ``revision``
     and ``trust_remote_code`` are TGI's ``--revision`` (a hub branch, tag or commit; a local folder has none) and
     ``--trust-remote-code`` (run the model's and tokenizer's own Python code), for both the model and tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     extra = {}
     if quantize:
         if quantize not in ("bitsandbytes", "bitsandbytes-8bit"):
             raise SystemExit(f"--quantize {quantize} is not supported; use bitsandbytes (8-bit)")
-        from transformers import BitsAndBytesConfig
+        from transformers import BitsAndBytesConfig  # needs bitsandbytes' CUDA build only when asked for
 
         extra = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": str(device)}}
     try:
-        hub = {"cache_dir": cache_dir, "revision": revision, "trust_remote_code": trust_remote_code}
-        tokenizer = AutoTokenizer.from_pretrained(model_id, **hub)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, **hub, **extra)
-    except OSError as exc:
-        raise SystemExit(
-            f"could not load model {model_id!r}: {exc}\nWithout network access, pass --model-id a local folder "
-            "holding config.json, the weights and the tokenizer (e.g. one written by save_pretrained)."
-        ) from exc
+        model, tokenizer = load_causal_lm(
+            model_id, dtype=torch_dtype, cache_dir=cache_dir, revision=revision, trust_remote_code=trust_remote_code,
+            hint="Without network access, pass --model-id a local folder holding config.json, the weights and the "
+            "tokenizer (e.g. one written by save_pretrained).",
+            **extra,
+        )  # fmt: skip
+    except ModelLoadError as exc:
+        raise SystemExit(str(exc)) from exc
     return (model if quantize else model.to(device)).eval(), tokenizer
 
 

@@ -7,11 +7,13 @@ from the source (``ast``), so an import hidden inside a function counts as much 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("flora_hf", "serving")  # trainers/ joins once its re-layout breaks its two known cycles
+PACKAGES = ("flora_hf", "serving", "trainers")
 
 
 def module_name(path: Path) -> str:
@@ -65,3 +67,47 @@ def test_no_import_cycle() -> None:
 
 def test_sse_framing_knows_nothing_of_the_app_state() -> None:
     assert "serving.api.state" not in import_graph(PACKAGES)["serving.api.sse"]
+
+
+TRAINER_PARTS = {  # a part of trainers/ -> the parts it may import (trainers/__init__.py says why)
+    "data": {"data"},
+    "evaluation": {"evaluation"},
+    "offline": {"offline", "data"},
+    "recipes": {"recipes", "data", "evaluation", "offline"},
+    "cli": {"cli", "recipes", "data", "evaluation", "offline"},
+    "demo": {"demo", "cli", "recipes", "data", "evaluation", "offline"},
+}
+CLI_MODULES = {"trainers.train", "trainers.eval_cli", "trainers.library_noise"}
+
+
+def trainer_part(module: str) -> str:
+    if module in CLI_MODULES:
+        return "cli"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in TRAINER_PARTS else "root"
+
+
+def test_trainer_parts_import_one_way() -> None:
+    graph = import_graph(PACKAGES)
+    wrong = [
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if module.startswith("trainers.")
+        for target in targets
+        if target.startswith("trainers.") and trainer_part(target) not in TRAINER_PARTS[trainer_part(module)]
+    ]
+    assert not [m for m in graph if m.startswith("trainers.") and trainer_part(m) == "root"], (
+        "a module outside the parts"
+    )
+    assert not wrong, "imports against the direction of trainers/__init__.py: " + "; ".join(wrong)
+
+
+def test_every_module_imports_in_a_fresh_interpreter() -> None:
+    """Every module imports in a new interpreter, with only its own imports run (none of the test session's): a moved
+    or misspelled import fails here, not when a command first runs. Cycles are the static graph's job above."""
+    modules = sorted(m for m in import_graph(PACKAGES) if not m.endswith("__main__"))
+    script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    done = subprocess.run(
+        [sys.executable, "-c", script, *modules], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -16,15 +16,38 @@ import json
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+import yaml
 
-from .base_models import LoadedBase, ModelUnavailable, hub_reachable, load_base, model_problem
-from .evaluation.confinement import SandboxUnavailable
+from flora_hf.loading import ModelLoadError, load_named_adapters
+from trainers.data.hub import hub_reachable
+from trainers.data.speech import whisper_language
+from trainers.evaluation.confinement import SandboxUnavailable
+from trainers.recipes.base_models import LoadedBase, ModelUnavailable, load_base, model_problem
+from trainers.recipes.datasets import speech_split
+from trainers.recipes.recipe import (
+    Recipe,
+    RecipeError,
+    apply_overrides,
+    load_recipe,
+    recipe_from_dict,
+    split_languages,
+)
+
+from .evaluation import (
+    DEFAULT_N_SAMPLES,
+    DEFAULT_TEMPERATURE,
+    corpus_wer,
+    load_problems,
+    require_confinement,
+    run_passk_eval,
+)
 from .library_noise import quiet_library_noise
-from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, split_languages
 
 DEFAULT_RECIPES = {"code": "starcoder", "speech": "whisper"}
 
@@ -72,12 +95,9 @@ def run_recipe(adapters: dict[str, Path], task: str, overrides: dict[str, Any]) 
     for folder in adapters.values():
         for candidate in (folder / "recipe.yaml", folder.parent / "recipe.yaml"):
             if candidate.is_file():
-                import yaml
-
                 values = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
                 values.update({"resume": None, "deepspeed": None, "output_dir": None})
                 recipe = recipe_from_dict(values)
-                from .recipe import apply_overrides
 
                 return apply_overrides(recipe, overrides)
     recipe = load_recipe(DEFAULT_RECIPES[task], overrides)
@@ -85,26 +105,13 @@ def run_recipe(adapters: dict[str, Path], task: str, overrides: dict[str, Any]) 
         config = json.loads(next(iter(adapters.values())).joinpath("adapter_config.json").read_text())
         base = config.get("base_model_name_or_path")
         if base:
-            from .recipe import apply_overrides
-
             recipe = apply_overrides(recipe, {"MODEL": base})
     return recipe
 
 
 def attach_trained_adapters(model: Any, adapters: dict[str, Path]) -> Any:
     """The base model with each language's adapter loaded under the language's name (PEFT's loader)."""
-    if not adapters:
-        return model
-    from peft import PeftModel
-
-    import flora_hf  # noqa: F401  (registers FLoRA with PEFT)
-
-    items = list(adapters.items())
-    peft_model = PeftModel.from_pretrained(model, str(items[0][1]), adapter_name=items[0][0])
-    for name, path in items[1:]:
-        peft_model.load_adapter(str(path), adapter_name=name)
-    peft_model.eval()
-    return peft_model
+    return load_named_adapters(model, adapters)
 
 
 def load_for_eval(recipe: Recipe, adapters: dict[str, Path]) -> tuple[LoadedBase, Any]:
@@ -131,7 +138,6 @@ def transcribe(
     """(references, hypotheses) for every example of a :class:`WhisperSpeechDataset`. The language and task go to
     ``generate`` (transformers' current way, not forced decoder ids); the reference is the example's own label
     text, so a clip skipped while decoding can never misalign the pairs. ``adapter`` None: the base model."""
-    from .data.speech import whisper_language
 
     code = whisper_language(language)
     device = next(model.parameters()).device
@@ -160,11 +166,12 @@ def transcribe(
 
 def character_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     """Corpus CER (jiwer): finer than WER where every word is wrong, as on tiny models."""
-    import jiwer
 
     pairs = [(r, h) for r, h in zip(references, hypotheses) if r]
     if not pairs:
         return 0.0
+    import jiwer  # an extra (flora-hf[train]): --task code runs without it
+
     return float(jiwer.cer([r for r, _ in pairs], [h or " " for _, h in pairs]))
 
 
@@ -180,8 +187,6 @@ def evaluate_speech(
     num_beams: int = 1,
 ) -> dict[str, Any]:
     """WER (unnormalized, as the paper, and Whisper-normalized) and CER of one language's split."""
-    from .evaluation import corpus_wer
-    from .recipe_data import speech_split
 
     source = recipe.data_sources()[language]
     dataset = speech_split(recipe, base, language, source, split, max_examples)
@@ -296,7 +301,6 @@ def fit_new_tokens(requested: int, limit: Optional[int], prompt_lengths: Sequenc
 
 
 def _server_json(url: str, route: str, body: Optional[dict[str, Any]] = None, timeout_s: float = 30.0) -> Any:
-    import urllib.request
 
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
@@ -309,7 +313,6 @@ def _server_json(url: str, route: str, body: Optional[dict[str, Any]] = None, ti
 def server_token_limits(url: str, prompts: Sequence[str]) -> tuple[Optional[int], list[int]]:
     """A running server's ``max_total_tokens`` (``/info``) and each prompt's length by its tokenizer (``/tokenize``,
     as TGI and flora-serve have it); (None, []) where the server does not say. An unreachable server is an error."""
-    import urllib.error
 
     try:
         info = _server_json(url, "/info")
@@ -333,7 +336,6 @@ def can_mix_adapters(adapters: dict[str, Path]) -> bool:
 
 
 def run_code(args: argparse.Namespace, languages: list[str], adapters: dict[str, Path], out: Path) -> dict[str, Any]:
-    from .evaluation import DEFAULT_N_SAMPLES, DEFAULT_TEMPERATURE, load_problems, require_confinement, run_passk_eval
 
     if not args.unsafe_no_sandbox:
         require_confinement()  # before loading a model or asking a server anything
@@ -440,7 +442,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report = run_code(args, languages, adapters, out)
         else:
             report = run_speech(args, languages, adapters, out)
-    except (RecipeError, ModelUnavailable, FileNotFoundError, SandboxUnavailable) as err:
+    except (RecipeError, ModelUnavailable, ModelLoadError, FileNotFoundError, SandboxUnavailable) as err:
         print(f"flora-eval: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:

@@ -14,11 +14,10 @@ from __future__ import annotations
 import os
 import warnings
 
+import torch
+
 
 def quiet_library_noise(*, uses_deepspeed: bool) -> None:
-    if not uses_deepspeed and "DS_ACCELERATOR" not in os.environ:
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ["DS_ACCELERATOR"] = "cpu"
+    if not uses_deepspeed and "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
     warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated.*", category=FutureWarning)

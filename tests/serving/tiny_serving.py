@@ -10,7 +10,7 @@ import torch
 from peft import get_peft_model
 from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from trainers.tiny_code_model import train_tokenizer
+from trainers.offline.tiny_code_model import train_tokenizer
 
 _TEXTS = [
     "def add(a, b):\n    return a + b\n",

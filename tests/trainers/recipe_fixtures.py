@@ -45,7 +45,7 @@ def code_assets(factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     def build(root: Path) -> dict[str, Path]:
         from trainers.data.code import pack_texts
-        from trainers.tiny_code_model import TinyCodeModelSpec, pretrain, train_tokenizer
+        from trainers.offline.tiny_code_model import TinyCodeModelSpec, pretrain, train_tokenizer
 
         data = root / "code"
         for lang, line in LINES.items():
@@ -75,8 +75,8 @@ def speech_assets(factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``model``: a tiny random Whisper (4-second windows); ``data``: a Common Voice folder of Marathi speech."""
 
     def build(root: Path) -> dict[str, Path]:
-        from trainers.data.synth_speech import make_common_voice_folder
-        from trainers.tiny_whisper_model import TinyWhisperSpec, make_tiny_whisper, pretrain_tiny_whisper
+        from trainers.offline.synth_speech import make_common_voice_folder
+        from trainers.offline.tiny_whisper_model import TinyWhisperSpec, make_tiny_whisper, pretrain_tiny_whisper
 
         spec = TinyWhisperSpec(
             d_model=32, encoder_layers=1, decoder_layers=1, attention_heads=2, ffn_dim=64, vocab_size=300,
@@ -135,11 +135,12 @@ def cli_args(recipe: str, overrides: dict[str, Any]) -> list[str]:
 
 def trained_run(factory: pytest.TempPathFactory, task: str) -> Path:
     """A finished tiny run folder (6 steps, checkpoints at 3 and 6), trained once: code through the ``flora-train``
-    command line, speech through :func:`trainers.train.train`."""
+    command line, speech through :func:`trainers.recipes.training.train`."""
 
     def build(root: Path) -> Path:
-        from trainers.recipe import load_recipe
-        from trainers.train import main, train
+        from trainers.recipes.recipe import load_recipe
+        from trainers.recipes.training import train
+        from trainers.train import main
 
         if task == "code":
             assert main(cli_args("tiny-code", code_overrides(code_assets(factory), root))) == 0

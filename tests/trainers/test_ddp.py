@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainers.launch import DISTRIBUTED_ENV
-from trainers.recipe import REPO_ROOT
+from trainers.recipes.launch import DISTRIBUTED_ENV
+from trainers.recipes.recipe import REPO_ROOT
 
 from .deepspeed_cpu_run import free_port
 from .recipe_fixtures import code_assets

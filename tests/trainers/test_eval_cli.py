@@ -10,7 +10,7 @@ import pytest
 
 from trainers import eval_cli
 from trainers.eval_cli import context_length, fit_new_tokens, main, resolve_adapters
-from trainers.recipe import RecipeError
+from trainers.recipes.recipe import RecipeError
 
 from .evaluation.helpers import PY_PROBLEM
 from .recipe_fixtures import trained_run

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 from serving.adapters.loader import load_adapter_folder
 from trainers.data.code import CodeCollator, PackedCodeDataset
-from trainers.recipe import load_recipe
-from trainers.recipe_data import RecipeData
-from trainers.train import attach_adapters, loss_series, main, preflight, set_generation_language, train
+from trainers.recipes.datasets import RecipeData
+from trainers.recipes.recipe import load_recipe
+from trainers.recipes.training import attach_adapters, loss_series, set_generation_language, train
+from trainers.train import main, preflight
 
 from .recipe_fixtures import code_assets, code_overrides, speech_assets, speech_overrides, trained_run
 
@@ -221,7 +222,7 @@ def test_print_recipe(capsys) -> None:
 
 
 def test_a_missing_relative_model_folder_is_named_as_a_folder(tmp_path: Path, monkeypatch, capsys) -> None:
-    from trainers.base_models import model_problem
+    from trainers.recipes.base_models import model_problem
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch.utils.data import Dataset
 
-from ..code_corpus import folder_files, pack_blocks, read_source
+from .code_corpus import folder_files, pack_blocks, read_source
 from .hub import guarded_iter, is_local_folder, load_hub_dataset
 
 DEFAULT_STACK = "bigcode/the-stack-dedup"

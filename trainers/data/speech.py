@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
+from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
 from .audio import (
     AUDIO_EXTENSIONS,
@@ -199,7 +200,6 @@ def speech_rows(
 def whisper_language(language: str) -> str:
     """A Whisper language code for a Common Voice locale or a language name: ``mr``, ``zh-CN`` -> ``zh``,
     ``marathi`` -> ``mr``. Raises ValueError for languages Whisper was not trained on."""
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
     key = language.strip().lower().replace("_", "-")
     for candidate in (key, key.split("-")[0]):

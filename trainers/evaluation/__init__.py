@@ -1,5 +1,10 @@
 """Evaluators for the paper's accuracy claims: pass@k on MultiPL-E by running code, and WER on Common Voice.
 
+Modules: ``problems`` (MultiPL-E problems and programs), ``generation`` (completions, one adapter per example),
+``sandbox`` / ``confinement`` / ``processes`` (running untrusted programs), ``scoring`` (the pass@k estimator and
+reports), ``passk`` (all of it in one call), ``languages`` (toolchains per language), ``wer`` (jiwer). This part
+imports only flora_hf and libraries, never the recipes or the offline models.
+
 pass@k::
 
     from trainers.evaluation import run_passk_eval
@@ -17,24 +22,18 @@ WER::
     result = run_wer_eval(references, hypotheses, language="mr")   # result.wer, result.normalized_wer
 """
 
-from typing import Any
-
+from .generation import AdapterChoice, adapter_names_for, generate_completions, generate_completions_via_server
 from .languages import LanguageSpec, canonical_language, known_languages, language_spec, register_language
-from .passk import (
+from .passk import run_passk_eval
+from .problems import (
     DEFAULT_N_SAMPLES,
     DEFAULT_TEMPERATURE,
     Problem,
     assemble_program,
-    evaluate_completions,
     load_problems,
     load_problems_from_hub,
-    mean_pass_at_k,
-    pass_at_k,
-    read_completions_jsonl,
     read_problems_jsonl,
-    run_passk_eval,
     truncate_at_stop_tokens,
-    write_report,
 )
 from .sandbox import (
     SandboxLimits,
@@ -46,19 +45,8 @@ from .sandbox import (
     run_program,
     toolchain_available,
 )
+from .scoring import evaluate_completions, mean_pass_at_k, pass_at_k, read_completions_jsonl, write_report
 from .wer import WERResult, WordCounts, corpus_wer, run_wer_eval, whisper_normalizer, word_counts
-
-_GENERATION = ("AdapterChoice", "adapter_names_for", "generate_completions", "generate_completions_via_server")
-
-
-def __getattr__(name: str) -> Any:
-    """Generation needs torch, transformers and PEFT (seconds to import); scoring and WER do not."""
-    if name in _GENERATION:
-        from . import generation
-
-        return getattr(generation, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = [
     "DEFAULT_N_SAMPLES",

@@ -11,12 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
+from huggingface_hub import InferenceClient
+from peft import PeftModel
+from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from flora_hf.per_example import BASE_ADAPTER_NAME, adapter_batch, per_example_layers
 
 from .languages import canonical_language
-from .passk import DEFAULT_N_SAMPLES, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Problem, truncate_at_stop_tokens
+from .problems import DEFAULT_N_SAMPLES, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Problem, truncate_at_stop_tokens
 
 AdapterChoice = Union[None, str, Mapping[str, str], Callable[[Problem], Optional[str]]]
 """None: the base model; a name: that adapter for every problem; a mapping: language -> adapter name (every
@@ -64,10 +67,6 @@ class StopOnStrings(StoppingCriteria):
 
 
 def _is_peft_model(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
     return isinstance(model, PeftModel)
 
 
@@ -139,8 +138,6 @@ def generate_completions(
     completions: list[list[str]] = [[""] * n_samples for _ in problems]
     iterator: Any = batches
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(batches, desc="generating", unit="batch")
     model.eval()
     for b, batch in enumerate(iterator):
@@ -186,7 +183,6 @@ def generate_completions_via_server(
     first ``max_stop_sequences`` stop tokens (TGI's limit, 4 by default); all of them are applied afterwards.
     With ``seed``, sample ``j`` of every problem uses ``seed + j``.
     """
-    from huggingface_hub import InferenceClient
 
     client = InferenceClient(url, timeout=timeout_s)
     names = adapter_names_for(problems, adapter_for_problem)
@@ -212,8 +208,6 @@ def generate_completions_via_server(
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         outputs: Any = pool.map(one, rows)
         if progress:
-            from tqdm.auto import tqdm
-
             outputs = tqdm(outputs, total=len(rows), desc="generating", unit="sample")
         for (i, j), text in zip(rows, outputs):
             completions[i][j] = text

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
+from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+
 ENGLISH = {"en", "english", "eng"}
 
 
@@ -71,7 +73,6 @@ def whisper_normalizer(
     ``english_spelling_mapping`` is Whisper's ``normalizer.json`` (British to American spellings); without it the
     English normalizer still does everything else.
     """
-    from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
     if language is not None and language.lower() in ENGLISH:
         return EnglishTextNormalizer(dict(english_spelling_mapping or {}))
@@ -82,7 +83,7 @@ def word_counts(references: Sequence[str], hypotheses: Sequence[Optional[str]]) 
     """Alignment counts over a corpus. Empty references count the hypothesis words as insertions, empty hypotheses
     the reference words as deletions (done here, since older jiwer versions reject empty strings)."""
     try:
-        import jiwer
+        import jiwer  # an extra (flora-hf[train]): scoring code without it still imports
     except ImportError as exc:
         raise RuntimeError("WER needs jiwer: pip install jiwer (or flora-hf[train])") from exc
     if len(references) != len(hypotheses):

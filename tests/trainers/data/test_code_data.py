@@ -17,7 +17,7 @@ from trainers.data.code import (
     split_documents,
     stack_data_dir,
 )
-from trainers.tiny_code_model import train_tokenizer
+from trainers.offline.tiny_code_model import train_tokenizer
 
 BLOCK = 16
 

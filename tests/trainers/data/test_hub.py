@@ -77,7 +77,7 @@ def test_hub_format_datasets_through_the_same_path(tmp_path: Path) -> None:
 
     from trainers.data.code import CodeSourceStats, stack_texts
     from trainers.data.speech import WhisperSpeechDataset, hub_speech_rows
-    from trainers.data.tiny_whisper import build_tiny_whisper_tokenizer
+    from trainers.offline.tiny_whisper import build_tiny_whisper_tokenizer
 
     stack = tmp_path / "stack"
     (stack / "data" / "perl").mkdir(parents=True)

@@ -21,8 +21,14 @@ from trainers.data.speech import (
     read_tsv,
     whisper_language,
 )
-from trainers.data.synth_speech import CV_COLUMNS, EspeakNotFound, espeak_binary, make_common_voice_folder, mp3_encoder
-from trainers.data.tiny_whisper import SOT, build_tiny_whisper_tokenizer
+from trainers.offline.synth_speech import (
+    CV_COLUMNS,
+    EspeakNotFound,
+    espeak_binary,
+    make_common_voice_folder,
+    mp3_encoder,
+)
+from trainers.offline.tiny_whisper import SOT, build_tiny_whisper_tokenizer
 
 sf = pytest.importorskip("soundfile")
 pytest.importorskip("soxr")

@@ -1,0 +1,73 @@
+"""reproduce-small: the verdict on the paper's ordering, the report files, and one tiny pass over every method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.trainers.recipe_fixtures import code_assets, code_overrides
+from trainers.demo.reproduce_small import (
+    Report,
+    Row,
+    loss_change,
+    markdown,
+    parse_args,
+    run_task,
+    verdict,
+    verdicts_for,
+    write,
+)
+
+
+def test_verdict_on_the_papers_ordering() -> None:
+    assert verdict("code", "perl", "loss", {"flora": 1.00, "lora": 1.01, "ia3": 1.2}).holds
+    worse = verdict("code", "perl", "loss", {"flora": 1.3, "lora": 1.0, "ia3": 1.2})
+    assert not worse.holds and "LoRA better than FLoRA" in worse.note and "IA3" in worse.note
+    ia3_best = verdict("speech", "mr", "wer", {"flora": 0.5, "lora": 0.5, "ia3": 0.4})
+    assert ia3_best.flora_matches_lora and not ia3_best.both_beat_ia3 and not ia3_best.holds
+
+
+def test_report_files(tmp_path: Path) -> None:
+    rows = [Row("speech", "mr", "base", 3.0, wer=1.0, cer=0.8)]
+    rows += [
+        Row("speech", "mr", m, x, wer=w, normalized_wer=w, cer=0.5, steps=5)
+        for m, x, w in [("flora", 2.0, 0.6), ("lora", 2.01, 0.61), ("ia3", 2.5, 0.7), ("milora", 1.0, 0.1)]
+    ]
+    report = Report(rows=rows, verdicts=verdicts_for(rows), settings={"command": "python -m x"}, seconds={"total": 3})
+    # a method outside the paper's claim gets its row, and no say in the verdict
+    assert [v.metric for v in report.verdicts] == ["loss", "wer", "cer"]
+    assert all(set(v.values) == {"flora", "lora", "ia3"} for v in report.verdicts)
+    assert loss_change(report, rows[1]) == pytest.approx(-1 / 3) and loss_change(report, rows[0]) is None
+    write(report, tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["rows"]) == 5 and data["verdicts"][0]["holds"] is True
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("`python -m x` (total 3 s)")
+    assert "| speech | mr | flora | 2.0000 | -33.33 | 60.0 | 60.0 | 50.0 |" in text
+    assert "| speech | mr | milora | 1.0000 |" in text and "holds in 2 of 3 comparisons" in text
+    assert text == markdown(report)
+
+
+def test_default_methods_are_the_papers() -> None:
+    args = parse_args([])
+    assert args.methods == "flora,lora,ia3" and args.code_steps > 50 and args.speech_steps > 80
+
+
+def test_every_method_runs_with_the_same_budget(tmp_path_factory, tmp_path: Path) -> None:
+    extra = code_overrides(code_assets(tmp_path_factory), tmp_path)
+    extra = {k: v for k, v in extra.items() if k not in ("LANG", "OUTPUT_DIR", "MAX_STEPS")}
+    rows = run_task("code", "tiny-code", ["alpha"], ["flora", "lora", "ia3"], 2, tmp_path, extra)
+    assert [r.method for r in rows] == ["base", "flora", "lora", "ia3"]
+    assert all(r.steps == 2 and r.loss > 0 for r in rows[1:])
+    assert rows[1].trainable_params and rows[3].trainable_params < rows[1].trainable_params  # IA3: "rank 0.5"
+
+
+def test_rank_column_is_the_trained_rank() -> None:
+    from trainers.demo.reproduce_small import _rank
+    from trainers.recipes.recipe import load_recipe
+
+    assert _rank(load_recipe("tiny-whisper", {"METHOD": "flora"}), "mr") == 4
+    assert _rank(load_recipe("tiny-whisper", {"METHOD": "ia3"}), "mr") is None
+    assert _rank(load_recipe("tiny-code", {"METHOD": "milora"}), "perl") == 8  # MiLoRA's experts, not `rank`
