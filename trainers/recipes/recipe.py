@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Annotated, Any, Mapping, Optional, Sequence, Union
 
 import yaml
 from peft import IA3Config, LoraConfig
+from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError
 from transformers import Seq2SeqTrainingArguments
 
 from flora_hf import FLoRAConfig, MiLoRAConfig
@@ -64,75 +66,123 @@ class RecipeError(ValueError):
     """A recipe file or override that cannot be used; the message says which key and why."""
 
 
+CommaList = Annotated[list[str], BeforeValidator(lambda v: split_languages(v))]
+"""A list, or one comma-separated string (``LANGS=perl,ruby``, ``--set target_modules=c_attn,c_proj``)."""
+LanguageRanks = Annotated[dict[str, int], BeforeValidator(lambda v: {str(k).lower(): r for k, r in dict(v).items()})]
+"""Language -> rank, language names in lower case (``rank_for`` looks them up that way)."""
+
+SECTIONS = ("run", "adapters", "training", "code", "speech")
+"""How :class:`Recipe`'s fields are grouped (``field(metadata={"section": ...})``); the YAML keys stay flat."""
+
+
+def setting(default: Any = None, *, help: str, section: str, factory: Any = None) -> Any:
+    """One recipe key: its default, what it means and its section. Its type annotation is how a YAML or command-line
+    value is parsed (:func:`coerce`), so declaring a field is all a new key needs."""
+    metadata = {"help": help, "section": section}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class Recipe:
-    """Everything one training run needs. Field names are the YAML keys."""
+    """Everything one training run needs. Field names are the YAML keys; ``metadata["help"]`` says what each does."""
 
-    name: str = "custom"
-    task: str = "code"
-    scale: str = "full"
-    model: str = ""
-    data: Optional[str] = None
-    languages: list[str] = field(default_factory=lambda: ["perl"])
-    method: str = "flora"
+    # run: what is trained on what (output_dir, deepspeed, resume and trainer_args close the recipe)
+    name: str = setting("custom", help="the recipe's name (default: the YAML file's stem)", section="run")
+    task: str = setting("code", help=f"one of {TASKS}: causal LM on code, or Whisper on speech", section="run")
+    scale: str = setting("full", help=f"one of {SCALES}: tiny recipes run offline on a CPU", section="run")
+    model: str = setting("", help="base model: a hub id, a local folder, or tiny-code / tiny-whisper", section="run")
+    data: Optional[str] = setting(
+        help="data source(s): a folder, a hub id, lang=source,..., builtin or synthetic (default: the hub's)",
+        section="run",
+    )
+    languages: CommaList = setting(
+        help="one adapter per language, named after it", section="run", factory=lambda: ["perl"]
+    )
+    method: str = setting("flora", help=f"one of {METHODS}", section="run")
 
-    rank: int = 1
-    rank_overrides: dict[str, int] = field(default_factory=dict)
-    target_modules: list[str] = field(default_factory=list)
-    ia3_feedforward_modules: list[str] = field(default_factory=list)
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    learning_rates: dict[str, float] = field(default_factory=dict)
-    lr: Optional[float] = None  # overrides learning_rates[method]
-    # MiLoRA's own settings (MiLoRAConfig fields): its experts are on MiLoRA's per-model module types unless this
-    # mapping names target_modules; the top-level target_modules/rank/lora_alpha are the other methods'. `r`
-    # defaults to the recipe's rank; RANK= on the command line replaces it.
-    milora: dict[str, Any] = field(default_factory=dict)
+    # adapters: the same layers for every method
+    rank: int = setting(1, help="adapter rank (RANK= also replaces rank_overrides and milora.r)", section="adapters")
+    rank_overrides: LanguageRanks = setting(
+        help="language -> rank, the paper's per-language ranks (e.g. 4 for Lua)", section="adapters", factory=dict
+    )
+    target_modules: CommaList = setting(
+        help="modules every method adapts (empty: PEFT's default for the model type)", section="adapters", factory=list
+    )
+    ia3_feedforward_modules: CommaList = setting(
+        help="which of target_modules IA3 scales on their input (its feed-forward modules)", section="adapters",
+        factory=list,
+    )  # fmt: skip
+    lora_alpha: float = setting(8, help="LoRA's alpha (scale alpha / r)", section="adapters")
+    lora_dropout: float = setting(0.0, help="LoRA's dropout", section="adapters")
 
-    max_steps: int = 100
-    batch_size: int = 8
-    eval_batch_size: Optional[int] = None
-    gradient_accumulation_steps: int = 1
-    load_in_8bit: bool = False
-    gradient_checkpointing: bool = False
-    precision: str = "auto"
-    lr_scheduler_type: str = "linear"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    per_adapter_clipping: bool = True
-    eval_steps: int = 50
-    save_steps: int = 50
-    save_total_limit: Optional[int] = 3
-    logging_steps: int = 10
-    max_eval_examples: Optional[int] = None
-    dataloader_num_workers: int = 0
-    seed: int = 0
+    learning_rates: dict[str, float] = setting(help="method -> learning rate", section="adapters", factory=dict)
+    lr: Optional[float] = setting(help="learning rate for this run, over learning_rates[method]", section="adapters")
+    milora: dict[str, Any] = setting(
+        help="MiLoRA's own settings (MiLoRAConfig fields, see MILORA_KEYS); r defaults to the recipe's rank and its "
+        "experts to MiLoRA's per-model modules unless target_modules is given here",
+        section="adapters",
+        factory=dict,
+    )
+
+    # training: the optimisation, for every task
+    max_steps: int = setting(100, help="optimizer steps", section="training")
+    batch_size: int = setting(8, help="examples per device per step", section="training")
+    eval_batch_size: Optional[int] = setting(
+        help="examples per device per eval step (default: batch_size)", section="training"
+    )
+    gradient_accumulation_steps: int = setting(1, help="micro-batches per optimizer step", section="training")
+    load_in_8bit: bool = setting(False, help="8-bit base weights (bitsandbytes, CUDA only)", section="training")
+    gradient_checkpointing: bool = setting(False, help="recompute activations in backward", section="training")
+    precision: str = setting("auto", help="auto, bf16, fp16 or fp32 (a CPU always runs fp32)", section="training")
+    lr_scheduler_type: str = setting("linear", help="transformers' scheduler name", section="training")
+    warmup_steps: int = setting(0, help="linear warm-up steps", section="training")
+    weight_decay: float = setting(0.0, help="AdamW's weight decay", section="training")
+    max_grad_norm: float = setting(1.0, help="gradient clipping norm", section="training")
+    per_adapter_clipping: bool = setting(
+        True, help="clip each adapter's gradient on its own in multi-language runs", section="training"
+    )
+    eval_steps: int = setting(50, help="steps between evaluations", section="training")
+    save_steps: int = setting(50, help="steps between checkpoints", section="training")
+    save_total_limit: Optional[int] = setting(3, help="checkpoints kept", section="training")
+    logging_steps: int = setting(10, help="steps between loss logs", section="training")
+    max_eval_examples: Optional[int] = setting(help="cap on each language's eval split", section="training")
+    dataloader_num_workers: int = setting(0, help="data loader worker processes", section="training")
+    seed: int = setting(0, help="seed of data order, initialisation and the tiny models", section="training")
 
     # code
-    block_size: int = 1024
-    eval_fraction: float = 0.05
-    max_train_bytes: Optional[int] = None
-    balance_languages: bool = False
+    block_size: int = setting(
+        1024, help="tokens per packed training block (capped by the model's context)", section="code"
+    )
+    eval_fraction: float = setting(0.05, help="share of a local code folder held out for eval", section="code")
+    max_train_bytes: Optional[int] = setting(help="cap on each language's training text", section="code")
+    balance_languages: bool = setting(False, help="as many blocks of each language per epoch", section="code")
 
     # speech
-    hub_dataset: Optional[str] = None
-    hub_config: Optional[str] = None
-    whisper_task: str = "transcribe"
-    train_split: str = "train"
-    eval_split: str = "dev"
-    test_split: str = "test"
-    max_label_tokens: int = 448
-    max_train_examples: Optional[int] = None
-    generation_max_length: int = 225
+    hub_dataset: Optional[str] = setting(help="the hub's speech dataset (Common Voice)", section="speech")
+    hub_config: Optional[str] = setting(help="its config, if not the language", section="speech")
+    whisper_task: str = setting("transcribe", help="Whisper's task token: transcribe or translate", section="speech")
+    train_split: str = setting("train", help="split to train on", section="speech")
+    eval_split: str = setting("dev", help="split to evaluate on while training", section="speech")
+    test_split: str = setting("test", help="split flora-eval scores", section="speech")
+    max_label_tokens: int = setting(448, help="longest transcript kept, in tokens (Whisper's limit)", section="speech")
+    max_train_examples: Optional[int] = setting(help="cap on each language's training clips", section="speech")
+    generation_max_length: int = setting(225, help="longest generated transcript in eval", section="speech")
 
-    # run
-    output_dir: Optional[str] = None
-    deepspeed: Optional[str] = None
-    resume: Optional[str] = None
-    # any other transformers TrainingArguments field, passed to the Trainer as given (report_to, push_to_hub,
-    # hub_model_id, torch_compile, ...); `--set report_to=tensorboard` lands here
-    trainer_args: dict[str, Any] = field(default_factory=dict)
+    # run: where it goes
+    output_dir: Optional[str] = setting(
+        help="run folder (default: out/<recipe>-<languages>[-<method>])", section="run"
+    )
+    deepspeed: Optional[str] = setting(
+        help="a DeepSpeed JSON config (re-runs under the deepspeed launcher)", section="run"
+    )
+    resume: Optional[str] = setting(help="a checkpoint folder, or latest", section="run")
+    trainer_args: dict[str, Any] = setting(
+        help="any other transformers TrainingArguments field, passed as given (report_to, push_to_hub, ...)",
+        section="run",
+        factory=dict,
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -286,49 +336,25 @@ def split_languages(value: Union[str, Sequence[str]]) -> list[str]:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
-_INT = {"rank", "max_steps", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "warmup_steps"}
-_INT |= {"eval_steps", "save_steps", "save_total_limit", "logging_steps", "max_eval_examples", "seed", "block_size"}
-_INT |= {
-    "max_train_bytes",
-    "max_label_tokens",
-    "max_train_examples",
-    "generation_max_length",
-    "dataloader_num_workers",
-}
-_FLOAT = {"lr", "lora_alpha", "lora_dropout", "weight_decay", "max_grad_norm", "eval_fraction"}
-_BOOL = {"load_in_8bit", "gradient_checkpointing", "balance_languages", "per_adapter_clipping"}
+_TYPES = typing.get_type_hints(Recipe, include_extras=True)
+_PARSE = ConfigDict(coerce_numbers_to_str=True)  # `name: 2024` in YAML is the string "2024"
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """A YAML or command-line value as the field's type; empty strings mean "not set" (make's ``MODEL=``)."""
-    if isinstance(value, str) and value.strip() == "" and key not in ("name",):
+@functools.cache
+def _parser(key: str) -> TypeAdapter:
+    return TypeAdapter(_TYPES[key], config=_PARSE if _TYPES[key] is str else None)
+
+
+def coerce(key: str, value: Any) -> Any:
+    """A YAML or command-line value as the field's declared type (pydantic's lax parsing: ``"3"`` -> 3, ``"yes"`` ->
+    True); empty strings mean "not set" (make's ``MODEL=``)."""
+    if value is None or (isinstance(value, str) and value.strip() == "" and key != "name"):
         return None
     try:
-        if value is None:
-            return None
-        if key == "languages":
-            return split_languages(value)
-        if key in _INT:
-            return int(value)
-        if key in _FLOAT:
-            return float(value)
-        if key in _BOOL:
-            if isinstance(value, str):
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                    raise ValueError(value)
-                return value.lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if key == "learning_rates":
-            return {str(k): float(v) for k, v in dict(value).items()}
-        if key == "rank_overrides":
-            return {str(k).lower(): int(v) for k, v in dict(value).items()}
-        if key in ("milora", "trainer_args"):
-            return {str(k): v for k, v in dict(value).items()}
-        if key in ("target_modules", "ia3_feedforward_modules"):
-            return split_languages(value)
-        return str(value)
-    except (TypeError, ValueError) as err:
-        raise RecipeError(f"{key}: cannot use {value!r} ({err})") from err
+        return _parser(key).validate_python(value)
+    except ValidationError as err:
+        reason = "; ".join(e["msg"] for e in err.errors())
+        raise RecipeError(f"{key}: cannot use {value!r} ({reason})") from None
 
 
 TRAINER_ARG_KEYS = {
@@ -372,7 +398,7 @@ def recipe_from_dict(values: Mapping[str, Any]) -> Recipe:
         raise RecipeError(f"unknown recipe key(s) {unknown}; known keys: {sorted(_FIELDS)}")
     kwargs = {}
     for key, value in values.items():
-        coerced = _coerce(key, value)
+        coerced = coerce(key, value)
         if coerced is None and key in ("languages", "learning_rates", "rank_overrides", "milora", "trainer_args"):
             continue
         if key == "trainer_args":
@@ -397,7 +423,7 @@ def _merged(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str
                 f"unknown override {raw_key!r}; use one of {sorted(OVERRIDE_KEYS)}, a recipe key, or a "
                 "transformers TrainingArguments field"
             )
-        value = _coerce(key, raw_value)
+        value = coerce(key, raw_value)
         if value is None or value == []:
             continue
         if key == "milora":

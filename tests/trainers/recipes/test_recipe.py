@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,16 @@ from peft import IA3Config, LoraConfig, get_peft_model
 
 from flora_hf import FLoRAConfig
 from tests.models import tiny_gpt_bigcode, tiny_whisper
-from trainers.recipes.recipe import CONFIG_DIR, RecipeError, apply_overrides, load_recipe, recipe_path
+from trainers.recipes.recipe import (
+    CONFIG_DIR,
+    SECTIONS,
+    Recipe,
+    RecipeError,
+    apply_overrides,
+    coerce,
+    load_recipe,
+    recipe_path,
+)
 
 WHISPER_FC = {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
 
@@ -125,28 +135,32 @@ def test_apply_overrides_keeps_the_recipe_typed() -> None:
     assert "learning_rates:" in r.to_yaml()
 
 
-def test_builtin_code_data_names_unknown_languages() -> None:
-    from trainers.recipes.datasets import builtin_code_data
+def test_every_key_is_declared_once_with_its_help_and_section() -> None:
+    """The field list is the recipe's whole schema: parsing, the YAML keys and the docs all come from it."""
+    for f in dataclasses.fields(Recipe):
+        assert f.metadata.get("help"), f.name
+        assert f.metadata.get("section") in SECTIONS, f.name
 
-    with pytest.raises(RecipeError, match="DATA=folder"):
-        builtin_code_data(("cobol",))
+
+@pytest.mark.parametrize(
+    ("key", "raw", "parsed"),
+    [
+        ("rank", "4", 4),
+        ("lr", "1e-3", 1e-3),
+        ("load_in_8bit", "on", True),
+        ("per_adapter_clipping", "no", False),
+        ("languages", "perl, ruby", ["perl", "ruby"]),
+        ("target_modules", ["c_attn"], ["c_attn"]),
+        ("rank_overrides", {"Lua": "4"}, {"lua": 4}),
+        ("name", 2024, "2024"),
+        ("eval_batch_size", "", None),
+    ],
+)
+def test_values_parse_by_the_fields_declared_types(key: str, raw, parsed) -> None:
+    assert coerce(key, raw) == parsed
 
 
-def test_cached_items_computes_each_item_once() -> None:
-    from trainers.data.cached import CachedItems
-
-    calls = []
-
-    class Counting:
-        stats = "stats"
-
-        def __len__(self) -> int:
-            return 3
-
-        def __getitem__(self, i: int) -> int:
-            calls.append(i)
-            return i * 10
-
-    cached = CachedItems(Counting())
-    assert [cached[i] for i in (0, 1, 0, 2, 1)] == [0, 10, 0, 20, 10] and calls == [0, 1, 2]
-    assert len(cached) == 3 and cached.stats == "stats"
+@pytest.mark.parametrize(("key", "raw"), [("rank", "four"), ("load_in_8bit", "maybe"), ("lr", [1]), ("model", ["a"])])
+def test_a_value_of_the_wrong_type_names_the_key(key: str, raw) -> None:
+    with pytest.raises(RecipeError, match=rf"^{key}: cannot use"):
+        coerce(key, raw)
