@@ -26,7 +26,7 @@ import yaml
 
 from flora_hf.loading import ModelLoadError, load_named_adapters
 from trainers.data.hub import hub_reachable
-from trainers.data.speech import whisper_language
+from trainers.data.speech import is_english_only, whisper_language
 from trainers.evaluation.confinement import SandboxUnavailable
 from trainers.recipes.base_models import LoadedBase, ModelUnavailable, load_base, model_problem
 from trainers.recipes.datasets import speech_split
@@ -151,7 +151,9 @@ def transcribe(
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         features = torch.stack([torch.as_tensor(it["input_features"]) for it in items]).to(device, dtype)
-        kwargs = dict(input_features=features, language=code, task=task, max_new_tokens=max_new_tokens)
+        kwargs = dict(input_features=features, max_new_tokens=max_new_tokens)
+        if not is_english_only(model):  # an English-only Whisper's generate refuses a language or task
+            kwargs.update(language=code, task=task)
         kwargs["num_beams"] = num_beams
         if is_peft and adapter is None:
             with model.disable_adapter():

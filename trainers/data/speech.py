@@ -210,7 +210,15 @@ def whisper_language(language: str) -> str:
     raise ValueError(f"Whisper has no language {language!r}; pass one of its codes (e.g. 'mr', 'hi', 'en')")
 
 
-def _encode_labels(tokenizer: Any, texts: Sequence[str], language: str, task: str) -> list[list[int]]:
+def is_english_only(model: Any) -> bool:
+    """Whether ``model`` is one of Whisper's English-only checkpoints (``tiny.en``...), whose prompt has no language
+    or task token (``<|startoftranscript|><|notimestamps|>``) and whose ``generate`` refuses ``language=``."""
+    return getattr(getattr(model, "generation_config", None), "is_multilingual", None) is False
+
+
+def _encode_labels(
+    tokenizer: Any, texts: Sequence[str], language: Optional[str], task: Optional[str]
+) -> list[list[int]]:
     """Token ids with Whisper's prefix (``<|startoftranscript|><|xx|><|task|><|notimestamps|>``) and EOS, set the
     transformers way; the tokenizer's previous prefix is restored, so datasets of several languages can share it."""
     if not hasattr(tokenizer, "set_prefix_tokens"):
@@ -246,6 +254,7 @@ class WhisperSpeechDataset(Dataset):
         preload: bool = False,
         probe: bool = True,
         stats: Optional[ClipStats] = None,
+        language_tokens: bool = True,
     ) -> None:
         self.feature_extractor = feature_extractor
         self.language = whisper_language(language)
@@ -259,7 +268,8 @@ class WhisperSpeechDataset(Dataset):
                 with_text.append(row)
             else:
                 self.stats.skip("no_text", row.name)
-        labels = _encode_labels(tokenizer, [r.text for r in with_text], self.language, task)
+        prompt = (self.language, task) if language_tokens else (None, None)  # English-only models: neither
+        labels = _encode_labels(tokenizer, [r.text for r in with_text], *prompt)
         self.rows: list[SpeechRow] = []
         self.labels: list[list[int]] = []
         self.audio: list[Optional[np.ndarray]] = []

@@ -149,7 +149,18 @@ SENTENCES: dict[str, tuple[str, ...]] = {
 since real Common Voice sentences have them and a TSV reader with quoting on would mangle them."""
 
 ESPEAK_VOICES = {"en": "en", "mr": "mr", "hi": "hi", "de": "de"}
-"""Language code to espeak-ng voice (``espeak-ng --voices`` lists them); unknown codes are passed through."""
+"""Language code to espeak-ng voice (``espeak-ng --voices`` lists them); unknown codes are passed through, so an
+accent (``en-us``, ``en-gb-scotland``, ``en-029``) is its own espeak voice."""
+
+ENGLISH_ACCENTS = ("en-us", "en-gb-scotland", "en-029", "en-gb-x-rp")
+"""espeak-ng English voices that stand in for "languages" for an English-only Whisper: the same sentences in
+American, Scottish, Caribbean and Received Pronunciation accents."""
+
+
+def sentence_language(language: str) -> str:
+    """The language whose :data:`SENTENCES` a voice reads: itself, else its base (``en-gb-scotland`` -> ``en``)."""
+    return language if language in SENTENCES else language.split("-")[0]
+
 
 CORRUPT_BYTES = b"ID3\x04\x00corrupt clip: not audio\x00" * 32
 
@@ -241,7 +252,7 @@ def make_common_voice_folder(
         raise ValueError(f"audio_format must be 'wav' or 'mp3', got {audio_format!r}")
     if audio_format == "mp3" and mp3_encoder() is None:
         raise RuntimeError("audio_format='mp3' needs an MP3 encoder: apt-get install -y lame (or ffmpeg)")
-    texts = list(sentences if sentences is not None else SENTENCES.get(language, ()))
+    texts = list(sentences if sentences is not None else SENTENCES.get(sentence_language(language), ()))
     if not texts:
         raise ValueError(f"no sentences for language {language!r}; pass sentences=")
     texts = [" ".join(t.split()) for t in texts]  # a tab or newline would break the TSV

@@ -30,7 +30,7 @@ from trainers.data.speech import WhisperSeq2SeqCollator, build_mixed_speech_data
 
 from .model_cache import cache_root, fingerprint, read_build_info, save_build, staged_folder
 from .step_loop import epochs, run_steps
-from .synth_speech import SENTENCES, make_common_voice_folder
+from .synth_speech import SENTENCES, make_common_voice_folder, sentence_language
 from .tiny_whisper import build_tiny_whisper_tokenizer, tiny_whisper_config, tiny_whisper_generation_config
 
 SYNTH_VERSION = 2
@@ -90,11 +90,12 @@ _PUNCTUATION = ".,?!\"'।:;"
 def pseudo_sentences(language: str, count: int, seed: int, min_words: int = 3, max_words: int = 6) -> list[str]:
     """``count`` distinct sentences of random words from ``language``'s real sentences (seeded). Meaningless, but
     they teach a tiny model the words (sounds and spellings) without the exact sentences it is tested on."""
-    words = sorted({w.strip(_PUNCTUATION) for s in SENTENCES.get(language, ()) for w in s.split()} - {""})
+    source = SENTENCES.get(sentence_language(language), ())
+    words = sorted({w.strip(_PUNCTUATION) for s in source for w in s.split()} - {""})
     if not words:
         raise ValueError(f"no sentences for language {language!r}")
     rng = random.Random(f"pseudo:{language}:{seed}")
-    real = set(SENTENCES.get(language, ()))
+    real = set(source)
     out: list[str] = []
     seen: set[str] = set()
     for _ in range(count * 20):

@@ -20,7 +20,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from trainers.data.cached import CachedItems
 from trainers.data.code import CodeCollator, PackedCodeDataset, build_code_dataset, pack_texts
 from trainers.data.code_corpus import BUILTIN_FINDERS, find_code_corpus
-from trainers.data.speech import WhisperSeq2SeqCollator, build_speech_dataset
+from trainers.data.speech import WhisperSeq2SeqCollator, build_speech_dataset, is_english_only
 from trainers.offline.tiny_whisper_model import SyntheticSpeechSpec, synthetic_speech_folder
 
 from .base_models import LoadedBase
@@ -152,6 +152,7 @@ def speech_split(
         preload=recipe.scale == "tiny",
         max_seconds=seconds,
         max_label_tokens=recipe.max_label_tokens,
+        language_tokens=not is_english_only(base.model),
         **hub,
     )
     return CachedItems(dataset) if recipe.scale == "tiny" else dataset

@@ -22,7 +22,7 @@ from peft import get_peft_model
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments, set_seed
 
 import flora_hf
-from trainers.data.speech import whisper_language
+from trainers.data.speech import is_english_only, whisper_language
 from trainers.recipes.base_models import LoadedBase, half_precision, load_base, local_rank
 from trainers.recipes.bilevel import MiLoRATrainerMixin, freeze_rational, validation_dataset
 from trainers.recipes.checkpoints import (
@@ -300,8 +300,8 @@ class TrainResult:
 def set_generation_language(model: Any, recipe: Recipe) -> None:
     """Whisper: the language and task live in the generation config (transformers' current way); a multi-language
     run leaves them unset, and generation passes ``language=`` per call."""
-    if recipe.task != "speech" or recipe.multi_adapter:
-        return
+    if recipe.task != "speech" or recipe.multi_adapter or is_english_only(model):
+        return  # an English-only Whisper keeps its own prompt (no language or task token)
 
     config = model.generation_config
     config.language = whisper_language(recipe.languages[0])
