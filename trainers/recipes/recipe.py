@@ -92,7 +92,11 @@ class Recipe:
     name: str = setting("custom", help="the recipe's name (default: the YAML file's stem)", section="run")
     task: str = setting("code", help=f"one of {TASKS}: causal LM on code, or Whisper on speech", section="run")
     scale: str = setting("full", help=f"one of {SCALES}: tiny recipes run offline on a CPU", section="run")
-    model: str = setting("", help="base model: a hub id, a local folder, or tiny-code / tiny-whisper", section="run")
+    model: str = setting(
+        "",
+        help="base model: a hub id, a local folder, tiny-code / tiny-whisper, or whisper-tiny-en (pretrained)",
+        section="run",
+    )
     data: Optional[str] = setting(
         help="data source(s): a folder, a hub id, lang=source,..., builtin or synthetic (default: the hub's)",
         section="run",

@@ -15,6 +15,7 @@ from trainers.demo.reproduce_small import (
     markdown,
     parse_args,
     run_task,
+    summarize,
     verdict,
     verdicts_for,
     write,
@@ -35,7 +36,11 @@ def test_report_files(tmp_path: Path) -> None:
         Row("speech", "mr", m, x, wer=w, normalized_wer=w, cer=0.5, steps=5)
         for m, x, w in [("flora", 2.0, 0.6), ("lora", 2.01, 0.61), ("ia3", 2.5, 0.7), ("milora", 1.0, 0.1)]
     ]
-    report = Report(rows=rows, verdicts=verdicts_for(rows), settings={"command": "python -m x"}, seconds={"total": 3})
+    summaries = summarize(rows)
+    report = Report(
+        rows=rows, verdicts=verdicts_for(summaries), summaries=summaries, settings={"command": "python -m x"},
+        seconds={"total": 3},
+    )  # fmt: skip
     # a method outside the paper's claim gets its row, and no say in the verdict
     assert [v.metric for v in report.verdicts] == ["loss", "wer", "cer"]
     assert all(set(v.values) == {"flora", "lora", "ia3"} for v in report.verdicts)
@@ -45,8 +50,9 @@ def test_report_files(tmp_path: Path) -> None:
     assert len(data["rows"]) == 5 and data["verdicts"][0]["holds"] is True
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("`python -m x` (total 3 s)")
-    assert "| speech | mr | flora | 2.0000 | -33.33 | 60.0 | 60.0 | 50.0 |" in text
-    assert "| speech | mr | milora | 1.0000 |" in text and "holds in 2 of 3 comparisons" in text
+    assert "| speech | mr | flora | 0 | 2.0000 | -33.33 | 60.0 | 60.0 | 50.0 |" in text
+    assert "| speech | mr | milora | 0 | 1.0000 |" in text and "holds in 2 of 3 comparisons" in text
+    assert "Mean ± standard deviation" not in text  # one seed: nothing to spread
     assert text == markdown(report)
 
 
@@ -71,3 +77,26 @@ def test_rank_column_is_the_trained_rank() -> None:
     assert _rank(load_recipe("tiny-whisper", {"METHOD": "flora"}), "mr") == 4
     assert _rank(load_recipe("tiny-whisper", {"METHOD": "ia3"}), "mr") is None
     assert _rank(load_recipe("tiny-code", {"METHOD": "milora"}), "perl") == 8  # MiLoRA's experts, not `rank`
+
+
+def test_seeds_give_mean_and_spread_and_the_verdict_uses_the_means(tmp_path: Path) -> None:
+    rows = []
+    for seed, (f, lo, i) in enumerate([(0.20, 0.30, 0.40), (0.40, 0.30, 0.40), (0.30, 0.30, 0.50)]):
+        rows.append(Row("speech", "en-029", "base", 3.0, wer=0.9, cer=0.5, seed=seed))
+        rows += [
+            Row("speech", "en-029", m, 1.0, wer=w, cer=0.2, seed=seed)
+            for m, w in [("flora", f), ("lora", lo), ("ia3", i)]
+        ]
+    summaries = summarize(rows)
+    flora = next(m for m in summaries if m.method == "flora")
+    assert flora.seeds == 3 and flora.mean["wer"] == pytest.approx(0.3) and flora.std["wer"] == pytest.approx(0.1)
+    wer = next(v for v in verdicts_for(summaries) if v.metric == "wer")
+    assert wer.values["flora"] == pytest.approx(0.3) and wer.holds  # per seed FLoRA wins, loses, ties: mean ≈
+    report = Report(rows=rows, summaries=summaries, verdicts=verdicts_for(summaries))
+    assert loss_change(report, rows[1]) == pytest.approx(-2 / 3)  # against the same seed's base row
+    assert "| speech | en-029 | flora | 3 | 1.0000 ± 0.0000 | 30.0 ± 10.0 |" in markdown(report)
+
+
+def test_the_real_whisper_runs_per_accent_by_default() -> None:
+    args = parse_args(["--speech-recipe", "whisper-tiny-en", "--seeds", "0,1,2"])
+    assert args.speech_recipe == "whisper-tiny-en" and args.seeds == "0,1,2" and args.speech_languages is None
