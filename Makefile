@@ -13,9 +13,9 @@ LOCK ?= requirements/lock.txt
 LATEST_VENV ?= .venv-latest
 TEXT_GENERATION := text-generation==0.7.0
 
-# Debian tools the tests drive for real: speech synthesis, an MP3 encoder, interpreters for pass@k, and bubblewrap
-# (the namespaces the evaluator runs generated programs in).
-APT_PACKAGES ?= espeak-ng lame perl libtest-deep-perl ruby lua5.4 bubblewrap
+# Debian tools the tests drive for real: speech synthesis, an MP3 encoder, interpreters (and LDC, the D compiler)
+# for pass@k, and bubblewrap (the namespaces the evaluator runs generated programs in).
+APT_PACKAGES ?= espeak-ng lame perl libtest-deep-perl ruby lua5.4 ldc bubblewrap
 
 .PHONY: setup system-deps demo test test-latest lock lint format bench-layer bench-serve bench-milora bench-soak docker clean \
 	setup-vllm test-vllm

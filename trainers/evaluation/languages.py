@@ -101,6 +101,9 @@ _BUILTIN: tuple[LanguageSpec, ...] = (
         "cpp", ".cpp", ("g++", "-std=c++17", "-o", "{stem}", "{file}"), "c++", tools={"g++": ("g++", "clang++")}
     ),
     _compiled("rs", ".rs", ("rustc", "-o", "{stem}", "{file}"), "rust"),
+    # MultiPL-E's D programs are `unittest` blocks and an empty main: built with unit tests on, a failed assertion
+    # exits 1 (LDC, Debian's ldc package; MultiPL-E runs them with rdmd -unittest, the same compile-and-run)
+    _compiled("d", ".d", ("ldc2", "-unittest", "-of={stem}", "{file}"), "dlang"),
     _compiled("swift", ".swift", ("swiftc", "-o", "{stem}", "{file}"), limit_address_space=False),
     LanguageSpec(
         name="go",

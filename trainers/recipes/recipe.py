@@ -44,6 +44,7 @@ MILORA_KEYS = (
 )
 """Keys of a recipe's ``milora:`` mapping: :class:`flora_hf.MiLoRAConfig` fields (see its help)."""
 SCALES = ("full", "tiny")
+IA3_MODULES = ("recipe", "peft-default")
 
 OVERRIDE_KEYS = {
     "MODEL": "model",
@@ -118,6 +119,12 @@ class Recipe:
         help="which of target_modules IA3 scales on their input (its feed-forward modules)", section="adapters",
         factory=list,
     )  # fmt: skip
+    ia3_modules: str = setting(
+        "recipe",
+        help=f"one of {IA3_MODULES}: IA3 on the recipe's target_modules (scaling ia3_feedforward_modules' inputs), or "
+        "PEFT's default modules for the model type, as the FLoRA paper ran IA3 on StarCoder",
+        section="adapters",
+    )
     lora_alpha: float = setting(8, help="LoRA's alpha (scale alpha / r)", section="adapters")
     lora_dropout: float = setting(0.0, help="LoRA's dropout", section="adapters")
 
@@ -197,6 +204,8 @@ class Recipe:
             raise RecipeError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.scale not in SCALES:
             raise RecipeError(f"scale must be one of {SCALES}, got {self.scale!r}")
+        if self.ia3_modules not in IA3_MODULES:
+            raise RecipeError(f"ia3_modules must be one of {IA3_MODULES}, got {self.ia3_modules!r}")
         if self.method not in METHODS:
             raise RecipeError(f"method must be one of {METHODS}, got {self.method!r}")
         if not self.languages:
@@ -300,6 +309,8 @@ class Recipe:
                 return MiLoRAConfig(**options, task_type=task_type)
             except (TypeError, ValueError) as err:
                 raise RecipeError(f"milora: {err}") from err
+        if self.ia3_modules == "peft-default":  # PEFT picks the target and feed-forward modules by model type
+            return IA3Config(task_type=task_type)
         feedforward = ia3_feedforward(targets or [], self.ia3_feedforward_modules)
         return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type=task_type)
 

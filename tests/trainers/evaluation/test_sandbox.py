@@ -191,11 +191,17 @@ OPTIONAL = {
     "lua": ("function add(x, y) return x + y end\n", "function add(x, y) return x - y end\n", None),
     "sh": ("add() { echo $(( $1 + $2 )); }\n", "add() { echo $(( $1 - $2 )); }\n", '[ "$(add 2 3)" = 5 ]\n'),
     "rkt": ("#lang racket\n(define (add x y) (+ x y))\n", "#lang racket\n(define (add x y) (- x y))\n", None),
+    "d": (
+        "long add(long x, long y) {\n    return x + y;\n}\n",
+        "long add(long x, long y) {\n    return x - y;\n}\n",
+        None,
+    ),
 }
 TESTS = {
     "js": "const assert = require('node:assert');\nassert.deepEqual(add(2, 3), 5);\n",
     "lua": "assert(add(2, 3) == 5)\n",
     "rkt": "(require rackunit)\n(check-equal? (add 2 3) 5)\n",
+    "d": "unittest\n{\n    alias candidate = add;\n    assert(candidate(2L, 3L) == 5L);\n}\nvoid main(){}\n",  # MultiPL-E's shape
 }
 
 

@@ -107,17 +107,19 @@ def test_data_sources(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("method", ["flora", "lora", "ia3"])
-def test_methods_adapt_the_same_layers(method: str) -> None:
+def test_methods_adapt_the_recipes_layers(method: str) -> None:
     code = load_recipe("starcoder", {"METHOD": method, "LANG": "lua"})
     config = code.peft_config("lua")
     expected = {"flora": FLoRAConfig, "lora": LoraConfig, "ia3": IA3Config}[method]
-    assert isinstance(config, expected) and set(config.target_modules) == {"c_attn"}
-    if method != "ia3":
-        assert config.r == 4  # Lua
-    else:
-        assert not config.feedforward_modules  # c_attn only: IA3 adds no layers of its own
+    assert isinstance(config, expected)
     model = get_peft_model(tiny_gpt_bigcode(), config)
     assert model.get_nb_trainable_parameters()[0] > 0
+    if method != "ia3":
+        assert set(config.target_modules) == {"c_attn"} and config.r == 4  # Lua
+    else:  # the paper's IA3 is PEFT's default for GPTBigCode: c_attn, and mlp.c_proj as feed-forward
+        applied = model.peft_config["default"]
+        assert set(applied.target_modules) == {"c_attn", "mlp.c_proj"}
+        assert set(applied.feedforward_modules) == {"mlp.c_proj"}
 
     speech = load_recipe("whisper", {"METHOD": method})
     config = speech.peft_config("mr")
@@ -164,3 +166,10 @@ def test_values_parse_by_the_fields_declared_types(key: str, raw, parsed) -> Non
 def test_a_value_of_the_wrong_type_names_the_key(key: str, raw) -> None:
     with pytest.raises(RecipeError, match=rf"^{key}: cannot use"):
         coerce(key, raw)
+
+
+def test_ia3_on_the_recipes_layers_or_peft_defaults() -> None:
+    own = load_recipe("starcoder", {"METHOD": "ia3", "ia3_modules": "recipe"}).peft_config("perl")
+    assert set(own.target_modules) == {"c_attn"} and not own.feedforward_modules
+    with pytest.raises(RecipeError, match="ia3_modules must be one of"):
+        load_recipe("starcoder", {"ia3_modules": "all"})
