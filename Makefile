@@ -66,6 +66,7 @@ $(STAMP): pyproject.toml $(LOCK)
 demo: setup
 	$(PY) -m trainers.demo
 	$(PY) -m trainers.demo.serve_demo
+	$(PY) -m trainers.demo.speech_demo
 
 test: setup
 	$(call check-with,$(PY))
