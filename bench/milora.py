@@ -7,6 +7,8 @@ weights, no hub), side by side in one run, for:
 
 - ``base``: the model without adapters;
 - ``lora``: PEFT's ``LoraConfig`` rank r on all 7 projections of every layer (q, k, v, o, gate, up, down);
+- ``dora``: the same LoRA with PEFT's ``use_dora`` (weight-decomposed: a magnitude vector per module), which the
+  MiLoRA paper's Table 4 compares against;
 - ``moelora``: BASELINE written for this benchmark only (:class:`MoELoRALinear` below, not flora-hf's math): the
   paper's appendix D MOELoRA, each of the 7 modules' rank-r LoRA split into ``--moe-experts`` experts of rank
   r / experts with a per-module top-``--moe-top-k`` router run on every token at every decoding step; ``moelora``
@@ -52,10 +54,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-VARIANTS = ("base", "lora", "moelora", "moelora_loop", "milora", "milora_per_token")
+VARIANTS = ("base", "lora", "dora", "moelora", "moelora_loop", "milora", "milora_per_token")
 LABELS = {
     "base": "base model",
     "lora": "LoRA (PEFT), 7 modules",
+    "dora": "DoRA (PEFT use_dora), 7 modules",
     "moelora": "MOELoRA-style, per-token routers",
     "moelora_loop": "MOELoRA-style, expert loop",
     "milora": "MiLoRA, route once",
@@ -140,6 +143,7 @@ class Settings:
     moe_experts: int
     moe_top_k: int
     batch_sizes: list[int]
+    beams: list[int]
     prompt_len: int
     new_tokens: int
     repeats: int
@@ -185,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--moe-experts", type=int, default=8, help="MOELoRA experts per module (paper: 8 of rank 4 for r=32)")
     add("--moe-top-k", type=int, default=4, help="MOELoRA experts per token and module (paper: top-4)")
     add("--batch-sizes", type=parse_int_list, default=[1, 8])
+    add(
+        "--beams",
+        type=parse_int_list,
+        default=[1],
+        help="beam sizes (the paper's Table 4: 1 and 3); beam search is timed as whole generates (no streamer)",
+    )
     add("--prompt-len", type=int, default=64)
     add("--new-tokens", type=int, default=None, help="tokens generated per row (default 64, quick 32)")
     add("--repeats", type=int, default=None, help="timed rounds (default 10, quick 3)")
@@ -221,6 +231,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         moe_experts=args.moe_experts,
         moe_top_k=args.moe_top_k,
         batch_sizes=args.batch_sizes,
+        beams=args.beams,
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens or (32 if args.quick else 64),
         repeats=args.repeats or (3 if args.quick else 10),
@@ -307,8 +318,8 @@ def build_variant(name: str, base: nn.Module, s: Settings) -> nn.Module:
     model = shared_copy(base)
     if name == "base":
         return model
-    if name == "lora":
-        config = LoraConfig(r=s.rank, lora_alpha=s.rank, target_modules=list(TARGETS))
+    if name in ("lora", "dora"):
+        config = LoraConfig(r=s.rank, lora_alpha=s.rank, target_modules=list(TARGETS), use_dora=name == "dora")
         model = get_peft_model(model, config, autocast_adapter_dtype=False)
         randomize_b(model)
     elif name in ("moelora", "moelora_loop"):
@@ -342,17 +353,27 @@ def force_per_token_routing(peft_model: nn.Module) -> None:
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:
-    """Adapter parameters: LoRA factors (the matched budget) and routers (extra) separately."""
+    """Adapter parameters: LoRA factors (the matched budget), routers and DoRA's magnitudes (extras) separately, and
+    all adapter weights in bytes (what a variant adds to the shared base in memory)."""
     from flora_hf import MiLoRARouter
 
     factors = sum(p.numel() for p in [*adapter_factors(model)[0], *adapter_factors(model)[1]])
-    routers = 0
+    routers = magnitudes = 0
     for m in model.modules():
         if isinstance(m, MiLoRARouter):
             routers += sum(p.numel() for p in m.parameters())
         elif isinstance(m, MoELoRALinear):
             routers += m.moe_router.numel()
-    return {"lora_factors": factors, "router": routers}
+    for name, p in model.named_parameters():
+        if "lora_magnitude_vector" in name:
+            magnitudes += p.numel()
+    element = next(model.parameters()).element_size()
+    return {
+        "lora_factors": factors,
+        "router": routers,
+        "magnitude": magnitudes,
+        "adapter_bytes": (factors + routers + magnitudes) * element,
+    }
 
 
 def count_router_calls(model: nn.Module) -> tuple[Callable[[], int], Callable[[], None]]:
@@ -401,9 +422,16 @@ def make_sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def generate_once(model: nn.Module, ids: Tensor, s: Settings, sync: Callable[[], None]) -> dict[str, Any]:
-    """One greedy generate of exactly ``new_tokens`` per row; decode and prefill timings from the streamer."""
-    clock = StepClock()
+def generate_once(
+    model: nn.Module, ids: Tensor, s: Settings, sync: Callable[[], None], beams: int = 1
+) -> dict[str, Any]:
+    """One generate of exactly ``new_tokens`` per row (greedy, or beam search with ``beams``); with one beam, decode
+    and prefill timings from the streamer (transformers streams only one beam), else whole-generate timings. On a GPU
+    also the peak memory allocated during the call."""
+    clock = StepClock() if beams == 1 else None
+    cuda = s.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     sync()
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     out = model.generate(
@@ -412,24 +440,34 @@ def generate_once(model: nn.Module, ids: Tensor, s: Settings, sync: Callable[[],
         max_new_tokens=s.new_tokens,
         min_new_tokens=s.new_tokens,
         do_sample=False,
+        num_beams=beams,
         pad_token_id=0,
         streamer=clock,
     )
     sync()
     end_wall, end_cpu = time.perf_counter(), time.process_time()
-    batch, steps = ids.shape[0], len(clock.wall) - 1
-    if out.shape != (batch, ids.shape[1] + s.new_tokens) or steps != s.new_tokens:
-        raise RuntimeError(f"generate made {tuple(out.shape)} with {steps} streamed steps, expected {s.new_tokens}")
-    decoded = batch * (s.new_tokens - 1)
-    return {
-        "decode_tok_s": decoded / (clock.wall[-1] - clock.wall[1]),
-        "decode_tok_cpu_s": decoded / max(clock.cpu[-1] - clock.cpu[1], 1e-9),
-        "prefill_s": clock.wall[1] - start_wall,
+    batch = ids.shape[0]
+    if out.shape != (batch, ids.shape[1] + s.new_tokens):
+        raise RuntimeError(f"generate made {tuple(out.shape)}, expected {(batch, ids.shape[1] + s.new_tokens)}")
+    result = {
         "total_s": end_wall - start_wall,
         "e2e_tok_s": batch * s.new_tokens / (end_wall - start_wall),
+        "e2e_tok_cpu_s": batch * s.new_tokens / max(end_cpu - start_cpu, 1e-9),
         "total_cpu_s": end_cpu - start_cpu,
+        "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "first_token": out[:, ids.shape[1]].tolist(),
     }
+    if clock is not None:
+        steps = len(clock.wall) - 1
+        if steps != s.new_tokens:
+            raise RuntimeError(f"generate streamed {steps} steps, expected {s.new_tokens}")
+        decoded = batch * (s.new_tokens - 1)
+        result.update(
+            decode_tok_s=decoded / (clock.wall[-1] - clock.wall[1]),
+            decode_tok_cpu_s=decoded / max(clock.cpu[-1] - clock.cpu[1], 1e-9),
+            prefill_s=clock.wall[1] - start_wall,
+        )
+    return result
 
 
 def run(s: Settings, models: dict[str, nn.Module], log: Callable[[str], None]) -> dict[str, Any]:
@@ -447,17 +485,18 @@ def run(s: Settings, models: dict[str, nn.Module], log: Callable[[str], None]) -
         timed = rnd >= s.warmup
         order = names[rnd % len(names) :] + names[: rnd % len(names)]
         for b in s.batch_sizes:
-            for v in order:
-                stop = None
-                if rnd == 0:
-                    get_calls, stop = count_router_calls(models[v])
-                result = generate_once(models[v], prompts[b], s, sync)
-                if stop is not None:
-                    stop()
-                    router_calls[v][b] = get_calls()
-                    first_tokens[v][b] = result["first_token"]
-                if timed:
-                    samples.append({"round": rnd - s.warmup, "batch": b, "variant": v, **result})
+            for beams in s.beams:
+                for v in order:
+                    stop = None
+                    if rnd == 0 and beams == 1:
+                        get_calls, stop = count_router_calls(models[v])
+                    result = generate_once(models[v], prompts[b], s, sync, beams)
+                    if stop is not None:
+                        stop()
+                        router_calls[v][b] = get_calls()
+                        first_tokens[v][b] = result["first_token"]
+                    if timed:
+                        samples.append({"round": rnd - s.warmup, "batch": b, "beams": beams, "variant": v, **result})
         kind = f"timed round {rnd - s.warmup + 1}/{s.repeats}" if timed else f"warm-up round {rnd + 1}/{s.warmup}"
         log(f"{kind} done")
     return {"samples": samples, "router_calls": router_calls, "first_tokens": first_tokens}
@@ -468,9 +507,15 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def paired(samples: list[dict], batch: int, num: str, den: str, key: str) -> Optional[dict[str, float]]:
+def paired(
+    samples: list[dict], batch: int, num: str, den: str, key: str, beams: int = 1
+) -> Optional[dict[str, float]]:
     """Per-round ratio ``key(num) / key(den)`` within one round (the same machine conditions), summarized."""
-    by = {(x["round"], x["variant"]): x[key] for x in samples if x["batch"] == batch}
+    by = {
+        (x["round"], x["variant"]): x[key]
+        for x in samples
+        if x["batch"] == batch and x.get("beams", 1) == beams and x.get(key) is not None
+    }
     rounds = sorted({r for r, _ in by})
     ratios = [by[(r, num)] / by[(r, den)] for r in rounds if (r, num) in by and (r, den) in by]
     return _stats(ratios) if ratios else None
@@ -482,7 +527,7 @@ def analyse(s: Settings, raw: dict[str, Any], params: dict[str, dict[str, int]])
     rows = []
     for b in s.batch_sizes:
         for v in s.variants:
-            mine = [x for x in samples if x["batch"] == b and x["variant"] == v]
+            mine = [x for x in samples if x["batch"] == b and x["beams"] == 1 and x["variant"] == v]
             calls = raw["router_calls"][v].get(b, 0)
             rows.append(
                 {
@@ -494,9 +539,28 @@ def analyse(s: Settings, raw: dict[str, Any], params: dict[str, dict[str, int]])
                     "vs_base_cpu": paired(samples, b, v, "base", "decode_tok_cpu_s") if cpu else None,
                     "router_calls_per_generate": calls,
                     "router_calls_per_decode_step": (calls - _prefill_calls(v, s)) / (s.new_tokens - 1),
+                    "peak_mem_mb": _median_or_none([x["peak_mem_mb"] for x in mine]),
                     **params[v],
                 }
             )
+    beam_rows = []
+    for b in s.batch_sizes:
+        for beams in (n for n in s.beams if n > 1):
+            for v in s.variants:
+                mine = [x for x in samples if x["batch"] == b and x["beams"] == beams and x["variant"] == v]
+                beam_rows.append(
+                    {
+                        "batch": b,
+                        "beams": beams,
+                        "variant": v,
+                        "e2e_tok_s": _stats([x["e2e_tok_s"] for x in mine]),
+                        "vs_base": paired(samples, b, v, "base", "e2e_tok_s", beams),
+                        "vs_base_cpu": paired(samples, b, v, "base", "e2e_tok_cpu_s", beams) if cpu else None,
+                        "milora_over": paired(samples, b, "milora", v, "e2e_tok_s", beams)
+                        if "milora" in s.variants
+                        else None,
+                    }
+                )
     speedups = []
     if "milora" in s.variants:
         for b in s.batch_sizes:
@@ -512,7 +576,12 @@ def analyse(s: Settings, raw: dict[str, Any], params: dict[str, dict[str, int]])
                         "e2e": paired(samples, b, "milora", other, "e2e_tok_s"),
                     }
                 )
-    return {"rows": rows, "speedups": speedups}
+    return {"rows": rows, "speedups": speedups, "beam_rows": beam_rows}
+
+
+def _median_or_none(values: list[Optional[float]]) -> Optional[float]:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def _prefill_calls(variant: str, s: Settings) -> int:
@@ -533,7 +602,8 @@ def fmt_ratio(st: Optional[dict[str, float]]) -> str:
 def render(s: Settings, result: dict[str, Any]) -> str:
     """Markdown tables: per variant, then MiLoRA's speed-up over each other design."""
     cpu = s.device == "cpu"
-    head = ["batch", "variant", "LoRA params", "router params", "routings/step", "decode tok/s", "prefill ms"]
+    head = ["batch", "variant", "LoRA params", "router params", "adapter MB", "routings/step", "decode tok/s"]
+    head += ["prefill ms"] + (["peak MB"] if not cpu else [])
     head += ["x base (wall)"] + (["x base (CPU time)"] if cpu else [])
     lines = [
         f"Decode speed, Llama d={s.hidden} ffn={s.intermediate} L={s.layers} vocab={s.vocab}, {s.device} {s.dtype}, "
@@ -550,11 +620,13 @@ def render(s: Settings, result: dict[str, Any]) -> str:
             LABELS[r["variant"]],
             f"{r['lora_factors'] / 1e6:.2f}M" if r["lora_factors"] else "0",
             f"{r['router'] / 1e3:.1f}K" if r["router"] else "0",
+            f"{r['adapter_bytes'] / 2**20:.2f}",
             f"{r['router_calls_per_decode_step']:g}",
             f"{r['decode_tok_s']['median']:.1f}",
             f"{r['prefill_ms']:.0f}",
-            fmt_ratio(r["vs_base"]),
-        ] + ([fmt_ratio(r["vs_base_cpu"])] if cpu else [])
+        ]
+        cells += ([] if cpu else [f"{r['peak_mem_mb']:.0f}"]) + [fmt_ratio(r["vs_base"])]
+        cells += [fmt_ratio(r["vs_base_cpu"])] if cpu else []
         lines.append("| " + " | ".join(cells) + " |")
     if result["speedups"]:
         head2 = ["batch", "MiLoRA tok/s over", "decode (wall)"] + (["decode (CPU time)"] if cpu else [])
@@ -564,6 +636,18 @@ def render(s: Settings, result: dict[str, Any]) -> str:
             cells = [str(sp["batch"]), LABELS[sp["other"]], fmt_ratio(sp["wall"])]
             cells += ([fmt_ratio(sp["cpu"])] if cpu else []) + [fmt_ratio(sp["e2e"])]
             lines.append("| " + " | ".join(cells) + " |")
+        if result.get("beam_rows"):
+            head3 = ["batch", "beams", "variant", "tok/s (whole generate)", "x base", "MiLoRA over it"]
+            lines += ["", "| " + " | ".join(head3) + " |", "|---:|---:|:---|---:|---:|---:|"]
+            for r in result["beam_rows"]:
+                over = "-" if r["variant"] in ("milora", "base") else fmt_ratio(r["milora_over"])
+                lines.append(
+                    f"| {r['batch']} | {r['beams']} | {LABELS[r['variant']]} | {r['e2e_tok_s']['median']:.1f} | "
+                    f"{fmt_ratio(r['vs_base'])} | {over} |"
+                )
+        if cpu:
+            lines += ["", "Peak memory is measured on a GPU only (torch.cuda.max_memory_allocated per generate); on a "
+                      "CPU the table gives each variant's adapter weights."]  # fmt: skip
         paper = ", ".join(f"{k} {v:.3f}" for k, v in PAPER_SPEEDUP.items())
         lines += ["", f"Paper, Table 4 (LLaMA-2 7B on a GPU, tokens/s of whole generations), MiLoRA over: {paper}."]
     return "\n".join(lines)

@@ -42,7 +42,10 @@ def test_tiny_run_reports_every_variant(milora_bench, tmp_path, capsys):
     params = doc["params"]
     budget = LAYERS * 8 * (4 * (32 + 32) + 3 * (32 + 48))
     assert all(params[v]["lora_factors"] == budget for v in variants if v != "base")
-    assert params["base"] == {"lora_factors": 0, "router": 0} and params["lora"]["router"] == 0
+    assert params["base"] == {"lora_factors": 0, "router": 0, "magnitude": 0, "adapter_bytes": 0}
+    assert params["lora"]["router"] == params["lora"]["magnitude"] == 0
+    assert params["dora"]["magnitude"] == LAYERS * (4 * 32 + 2 * 48 + 32)  # one per output feature of each module
+    assert params["dora"]["adapter_bytes"] == 4 * (budget + params["dora"]["magnitude"])  # fp32
     assert params["moelora"]["router"] == LAYERS * 4 * (6 * 32 + 48)  # experts x d_in per module
     assert 7 * 32 * LAYERS < params["milora"]["router"] == params["milora_per_token"]["router"] < 9 * 32 * LAYERS
 
@@ -52,7 +55,7 @@ def test_tiny_run_reports_every_variant(milora_bench, tmp_path, capsys):
         assert calls["milora"][b] == LAYERS
         assert calls["milora_per_token"][b] == LAYERS * NEW_TOKENS
         assert calls["moelora"][b] == calls["moelora_loop"][b] == 7 * LAYERS * NEW_TOKENS
-        assert calls["lora"][b] == calls["base"][b] == 0
+        assert calls["lora"][b] == calls["dora"][b] == calls["base"][b] == 0
         # prefill routes identically, so both MiLoRA variants pick the same first token; both MOELoRA forms agree
         assert doc["first_tokens"]["milora"][b] == doc["first_tokens"]["milora_per_token"][b]
         assert doc["first_tokens"]["moelora"][b] == doc["first_tokens"]["moelora_loop"][b]
@@ -71,3 +74,16 @@ def test_variants_subset_always_includes_base(milora_bench, tmp_path):
 def test_rank_must_split_into_moelora_experts(milora_bench, tmp_path):
     with pytest.raises(SystemExit, match="multiple of --moe-experts"):
         milora_bench.main([*TINY, "--rank", "6", "--out", str(tmp_path)])
+
+
+def test_beam_search_is_timed_per_beam_size(milora_bench, tmp_path, capsys):
+    """The paper's Table 4 has beam 1 and beam 3: beam rows are whole-generate tok/s, paired with base and MiLoRA."""
+    doc = milora_bench.main([*TINY, "--beams", "1,3", "--variants", "lora,dora,milora", "--out", str(tmp_path)])
+    assert {(r["batch"], r["beams"], r["variant"]) for r in doc["beam_rows"]} == {
+        (b, 3, v) for b in BATCHES for v in ("base", "lora", "dora", "milora")
+    }
+    for r in doc["beam_rows"]:
+        assert r["e2e_tok_s"]["min"] > 0 and r["vs_base"]["median"] > 0
+        assert r["milora_over"]["median"] > 0
+    assert len(doc["samples"]) == 2 * len(BATCHES) * 2 * 4  # rounds x batches x beam sizes x variants
+    assert "| 3 | 3 | DoRA (PEFT use_dora), 7 modules |" in capsys.readouterr().out
