@@ -25,6 +25,15 @@ from tests.serving.tiny_serving import save_random_adapter, tiny_tokenizer
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = ["def add(a, b):", "sub fib {", "print('h", "local function f(x)", "return a + b", "my $n ="]
 NEW_TOKENS = 10
+MIXED_ROWS = [
+    (PROMPTS[0], None),
+    (PROMPTS[1], "flora-r1"),
+    (PROMPTS[2], "flora-r4"),
+    (PROMPTS[3], "lora-r8"),
+    (PROMPTS[4], "flora-r1"),
+    (PROMPTS[5], None),
+]
+"""(prompt, adapter) rows of one batch: base, FLoRA r=1, FLoRA r=4 and LoRA rows side by side."""
 
 LLM_KWARGS = dict(
     enable_lora=True,

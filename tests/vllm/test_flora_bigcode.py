@@ -19,6 +19,7 @@ from vllm.lora.request import LoRARequest  # noqa: E402
 
 from flora_hf import FLoRAConfig  # noqa: E402
 from tests.vllm.helpers import (  # noqa: E402
+    MIXED_ROWS,
     NEW_TOKENS,
     PROMPTS,
     peft_greedy,
@@ -67,14 +68,7 @@ def test_c_attn_is_a_flora_layer(llm) -> None:
 
 
 def test_mixed_batch_matches_peft_row_by_row(llm, folders) -> None:
-    rows = [
-        (PROMPTS[0], None),
-        (PROMPTS[1], "flora-r1"),
-        (PROMPTS[2], "flora-r4"),
-        (PROMPTS[3], "lora-r8"),
-        (PROMPTS[4], "flora-r4"),
-        (PROMPTS[5], "flora-r1"),
-    ]
+    rows = [*MIXED_ROWS, (PROMPTS[4], "flora-r4")]
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     requests = [None if a is None else LoRARequest(a, ADAPTERS[a], str(folders[a])) for _, a in rows]
     outs = llm.generate(

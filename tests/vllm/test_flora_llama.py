@@ -25,6 +25,7 @@ from flora_hf import FLoRAConfig  # noqa: E402
 from tests.serving.tiny_serving import tiny_tokenizer  # noqa: E402
 from tests.vllm.helpers import (  # noqa: E402
     LLAMA_TARGETS,
+    MIXED_ROWS,
     NEW_TOKENS,
     PROMPTS,
     edited_copy,
@@ -102,16 +103,7 @@ def peft_rows(folders, rows):
     return [peft_greedy(folders["model"], None if a is None else folders[a], p) for p, a in rows]
 
 
-MIXED = [
-    (PROMPTS[0], None),
-    (PROMPTS[1], "flora-r1"),
-    (PROMPTS[2], "flora-r4"),
-    (PROMPTS[3], "lora-r8"),
-    (PROMPTS[4], "flora-r1"),
-    (PROMPTS[5], None),
-    (PROMPTS[0], "flora-r4"),
-    (PROMPTS[1], "lora-r8"),
-]
+MIXED = [*MIXED_ROWS, (PROMPTS[0], "flora-r4"), (PROMPTS[1], "lora-r8")]
 
 
 def test_every_projection_is_a_flora_layer(llm) -> None:

@@ -25,6 +25,7 @@ from serving.settings import parse_args  # noqa: E402
 from serving.vllm_engine import build_vllm_engine  # noqa: E402
 from tests.vllm.helpers import (  # noqa: E402
     LLAMA_TARGETS,
+    MIXED_ROWS,
     NEW_TOKENS,
     PROMPTS,
     bind_cpu_ranks,
@@ -42,14 +43,7 @@ MODELS = {
     "llama": (tiny_llama, LLAMA_TARGETS, ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
     "bigcode": (tiny_bigcode, ["c_attn", "c_fc", "c_proj"], ["c_attn"]),
 }
-ROWS = [
-    (PROMPTS[0], None),
-    (PROMPTS[1], "flora-r1"),
-    (PROMPTS[2], "flora-r4"),
-    (PROMPTS[3], "lora-r8"),
-    (PROMPTS[4], "flora-r1"),
-    (PROMPTS[5], None),
-]
+ROWS = MIXED_ROWS
 
 
 def model_and_adapters(root, kind: str) -> dict:
