@@ -86,7 +86,11 @@ def test_other_methods_train_and_serve(method: str, tmp_path_factory: pytest.Tem
     recipe = load_recipe("tiny-code", code_overrides(assets, tmp_path, METHOD=method, MAX_STEPS=3, save_steps=3))
     result = train(recipe, progress=False)
     config = json.loads((result.adapter_dirs["alpha"] / "adapter_config.json").read_text())
-    assert config["peft_type"] == method.upper() and config["target_modules"] == ["c_attn"]
+    # tiny-code runs IA3 as the paper did (PEFT's default for GPTBigCode: attention plus the feed-forward c_proj)
+    expected = {"lora": ["c_attn"], "ia3": ["c_attn", "mlp.c_proj"]}[method]
+    assert config["peft_type"] == method.upper() and sorted(config["target_modules"]) == expected
+    if method == "ia3":
+        assert config["feedforward_modules"] == ["mlp.c_proj"]
     served = load_adapter_folder("alpha", result.adapter_dirs["alpha"], result.model.get_base_model(), max_rank=8)
     assert served.method == method
 

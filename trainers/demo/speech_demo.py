@@ -64,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "whisper-tiny-en",
         {
             "LANGS": ",".join(accents), "MAX_STEPS": args.steps, "OUTPUT_DIR": str(args.output_dir),
-            "eval_steps": 10**6, "save_steps": 10**6, "logging_steps": max(1, args.steps // 3),
+            "eval_steps": 10**6, "save_steps": 10**6, "logging_steps": args.steps,  # one loss line
             "warmup_steps": max(1, args.steps // 10),
         },
     )  # fmt: skip
