@@ -168,7 +168,7 @@ clean:
 #               OUTPUT_DIR default out/reproduce-small)
 # Full-scale recipes stop at once, saying why, without the hub for hub data/models, or on a machine without a GPU
 # when the model is too large for its memory (ALLOW_CPU=1 tries anyway).
-.PHONY: train-starcoder train-whisper eval-starcoder eval-whisper reproduce-small
+.PHONY: train-starcoder train-whisper eval-starcoder eval-whisper reproduce-small sweep-rates
 
 comma := ,
 CLI_LANG = $(if $(filter command line,$(origin LANG)),$(LANG))
@@ -213,3 +213,9 @@ eval-whisper: setup
 reproduce-small: setup
 	$(RUN_ENV) $(PY) -m trainers.demo.reproduce_small $(if $(CODE_STEPS),--code-steps $(CODE_STEPS)) \
 		$(if $(SPEECH_STEPS),--speech-steps $(SPEECH_STEPS)) $(if $(OUTPUT_DIR),--out $(OUTPUT_DIR))
+
+# make sweep-rates RECIPE=tiny-code LANG=python STEPS=300: each method's rate on the same 1-3-10 grid, chosen on the
+# recipe's eval split (prints the recipe's learning_rates line; copying it into the recipe is up to you)
+sweep-rates: setup
+	$(RUN_ENV) $(PY) -m trainers.demo.sweep_rates --recipe $(or $(RECIPE),tiny-code) --lang $(or $(CLI_LANG),python) \
+		--steps $(or $(STEPS),300) $(if $(OUTPUT_DIR),--out $(OUTPUT_DIR))

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import yaml
 from transformers.integrations import get_available_reporting_integrations
 from transformers.utils import logging as hf_logging
 
@@ -48,7 +47,7 @@ from trainers.recipes.launch import (
     needs_launch,
     read_deepspeed_config,
 )
-from trainers.recipes.recipe import Recipe, RecipeError, load_recipe
+from trainers.recipes.recipe import Recipe, RecipeError, load_recipe, parse_set_items
 from trainers.recipes.training import (
     train,
     training_arguments,
@@ -199,12 +198,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
             overrides[key] = value
     if args.lang and args.langs:
         raise RecipeError("pass either --lang or --langs, not both")
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RecipeError(f"--set expects KEY=VALUE, got {item!r}")
-
-        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    overrides.update(parse_set_items(args.set))
     return load_recipe(args.recipe, overrides)
 
 

@@ -17,7 +17,6 @@ is about these three.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -37,7 +36,7 @@ from transformers.utils import logging as hf_logging
 
 from trainers.eval_cli import evaluate_speech
 from trainers.offline.synth_speech import EspeakNotFound, espeak_binary
-from trainers.recipes.base_models import LoadedBase, load_base
+from trainers.recipes.base_models import load_base
 from trainers.recipes.datasets import RecipeData, build_data, speech_split
 from trainers.recipes.recipe import Recipe, apply_overrides, load_recipe
 from trainers.recipes.training import train
@@ -166,11 +165,6 @@ def _recipe(template: Recipe, language: str, method: str, steps: int, out: Path,
     return apply_overrides(template, overrides)
 
 
-def _fresh(base: LoadedBase) -> LoadedBase:
-    """A private copy of the base model: PEFT injects adapter layers into the model it is given."""
-    return LoadedBase(copy.deepcopy(base.model), base.tokenizer, base.feature_extractor, base.source, base.quantized)
-
-
 def run_task(
     task: str, recipe_name: str, languages: Sequence[str], methods: Sequence[str], steps: int, out: Path,
     extra: Optional[dict[str, Any]] = None, progress: bool = False, seed: int = 0,
@@ -201,7 +195,7 @@ def run_task(
         for method in methods:
             recipe = _recipe(template, language, method, steps, out, extra)
             start = time.perf_counter()
-            result = train(recipe, progress=progress, base=_fresh(base), data=data)
+            result = train(recipe, progress=progress, base=base.private_copy(), data=data)
             model = result.model
             row = Row(
                 task, language, method, dataset_loss(model, scored, data.collator),

@@ -7,9 +7,10 @@ setting) happens only where CUDA is present; elsewhere the recipe says so and lo
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -53,6 +54,11 @@ class LoadedBase:
     feature_extractor: Any = None
     source: str = ""
     quantized: bool = False
+
+    def private_copy(self) -> LoadedBase:
+        """The same base with its own model weights: PEFT injects adapter layers into the model it is given, so
+        runs that share one loaded base (a method comparison, a rate sweep) each train on a copy."""
+        return replace(self, model=copy.deepcopy(self.model))
 
 
 # ------------------------------------------------------------------------------------------------ availability

@@ -450,6 +450,17 @@ def _merged(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str
     return merged
 
 
+def parse_set_items(items: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` arguments as overrides, each value read as YAML (``lr=3e-3`` is a float, ``x=`` None)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RecipeError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return overrides
+
+
 def apply_overrides(recipe: Recipe, overrides: Mapping[str, Any]) -> Recipe:
     """A copy of ``recipe`` with ``overrides`` applied (see :func:`_merged`)."""
     return recipe_from_dict(_merged(recipe.to_dict(), overrides))
