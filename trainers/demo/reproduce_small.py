@@ -346,6 +346,12 @@ def write(report: Report, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
+def log_progress_only() -> None:
+    """Our one-line progress messages, without transformers' per-run warnings (dozens of runs in one table)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    hf_logging.set_verbosity_error()
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trainers.demo.reproduce_small", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("out/reproduce-small"))
@@ -376,9 +382,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    hf_logging.set_verbosity_error()
+    log_progress_only()
     methods = [m for m in args.methods.split(",") if m]
     command = shlex.join(["python", "-m", "trainers.demo.reproduce_small", *argv])
     report = Report(

@@ -22,9 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from transformers.utils import logging as hf_logging
-
-from trainers.demo.reproduce_small import PAPER_METHODS
+from trainers.demo.reproduce_small import PAPER_METHODS, log_progress_only
 from trainers.recipes.base_models import load_base
 from trainers.recipes.datasets import build_data
 from trainers.recipes.recipe import apply_overrides, load_recipe, parse_set_items
@@ -112,8 +110,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    hf_logging.set_verbosity_error()
+    log_progress_only()
     template = load_recipe(args.recipe, {**parse_set_items(args.set), "LANG": args.lang, "seed": args.seed})
     budget = {
         "MAX_STEPS": args.steps, "eval_steps": args.steps, "save_steps": 10**6, "logging_steps": args.steps,
