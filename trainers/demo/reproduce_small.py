@@ -283,6 +283,8 @@ def markdown(report: Report) -> str:
     if settings.get("command"):
         took = ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items())
         lines += [f"`{settings['command']}` ({took})", ""]
+    if settings.get("commands"):
+        lines += ["Merged from: " + "; ".join(f"`{c}`" for c in settings["commands"]), ""]
     lines += [
         "| task | language | method | seed | held-out loss | loss vs base % | WER % | normalized WER % | CER % | rank "
         "| lr | trainable params | train s |",
@@ -345,6 +347,28 @@ def write(report: Report, out: Path) -> None:
     (out / "results.md").write_text(markdown(report), encoding="utf-8")
 
 
+def merged(folders: Sequence[Path]) -> Report:
+    """One report from several runs' ``results.json`` (e.g. one seed each, run separately so a cut-off run loses
+    only its own seed): rows concatenated, means, spreads and verdicts recomputed over all of them."""
+    report = Report(settings={"merged": [str(f) for f in folders], "commands": []})
+    seen: set[tuple[str, str, str, int]] = set()
+    for folder in folders:
+        data = json.loads((Path(folder) / "results.json").read_text(encoding="utf-8"))
+        for values in data["rows"]:
+            row = Row(**values)
+            key = (row.task, row.language, row.method, row.seed)
+            if key in seen:
+                raise ValueError(f"{folder}: {key} is already in an earlier folder (the same seed twice?)")
+            seen.add(key)
+            report.rows.append(row)
+        report.settings["commands"].append(data["settings"].get("command", ""))
+        for part, seconds in data.get("seconds", {}).items():
+            report.seconds[part] = report.seconds.get(part, 0.0) + seconds
+    report.summaries = summarize(report.rows)
+    report.verdicts = verdicts_for(report.summaries)
+    return report
+
+
 # ------------------------------------------------------------------------------------------------------- CLI
 def log_progress_only() -> None:
     """Our one-line progress messages, without transformers' per-run warnings (dozens of runs in one table)."""
@@ -376,6 +400,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--skip-code", action="store_true")
     p.add_argument("--skip-speech", action="store_true")
     p.add_argument("--progress", action="store_true", help="progress bars for every run")
+    p.add_argument(
+        "--merge", nargs="+", type=Path, metavar="FOLDER",
+        help="train nothing: combine earlier runs' results (e.g. one seed each) into --out, with means and verdicts",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -383,6 +411,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     log_progress_only()
+    if args.merge:
+        report = merged(args.merge)
+        report.settings["command"] = shlex.join(["python", "-m", "trainers.demo.reproduce_small", *argv])
+        write(report, args.out)
+        print_table(report)
+        print(f"results: {args.out / 'results.md'}, {args.out / 'results.json'}")
+        return 0
     methods = [m for m in args.methods.split(",") if m]
     command = shlex.join(["python", "-m", "trainers.demo.reproduce_small", *argv])
     report = Report(

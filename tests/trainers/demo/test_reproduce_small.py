@@ -105,3 +105,27 @@ def test_seeds_give_mean_and_spread_and_the_verdict_uses_the_means(tmp_path: Pat
 def test_the_real_whisper_runs_per_accent_by_default() -> None:
     args = parse_args(["--speech-recipe", "whisper-tiny-en", "--seeds", "0,1,2"])
     assert args.speech_recipe == "whisper-tiny-en" and args.seeds == "0,1,2" and args.speech_languages is None
+
+
+def test_runs_of_one_seed_each_merge_into_means_and_verdicts(tmp_path: Path) -> None:
+    from trainers.demo.reproduce_small import main
+
+    for seed, shift in ((0, 0.0), (1, 0.2)):
+        rows = [Row("speech", "en-029", "base", 3.0 + shift, wer=0.5, cer=0.3, seed=seed)]
+        rows += [Row("speech", "en-029", m, x + shift, wer=w, cer=c, seed=seed, steps=4)
+                 for m, x, w, c in [("flora", 1.0, 0.2, 0.1), ("lora", 1.01, 0.2, 0.1), ("ia3", 2.0, 0.4, 0.2)]]  # fmt: skip
+        write(
+            Report(rows=rows, settings={"command": f"run seed {seed}"}, seconds={"speech": 10}), tmp_path / str(seed)
+        )
+    out = tmp_path / "merged"
+    assert main(["--merge", str(tmp_path / "0"), str(tmp_path / "1"), "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["rows"]) == 8 and data["seconds"] == {"speech": 20}
+    flora = next(s for s in data["summaries"] if s["method"] == "flora")
+    assert flora["seeds"] == 2 and flora["mean"]["loss"] == pytest.approx(1.1)
+    assert flora["std"]["loss"] == pytest.approx(0.1414, abs=1e-4)
+    assert [v["holds"] for v in data["verdicts"]] == [True, True, True]
+    text = (out / "results.md").read_text()
+    assert "Merged from: `run seed 0`; `run seed 1`" in text and "Mean ± standard deviation" in text
+    with pytest.raises(ValueError, match="same seed twice"):
+        main(["--merge", str(tmp_path / "0"), str(tmp_path / "0"), "--out", str(out)])
