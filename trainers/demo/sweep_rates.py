@@ -57,7 +57,8 @@ class MethodSweep:
 
     @property
     def best(self) -> float:
-        return min(self.tried, key=lambda r: self.tried[r])
+        """A diverged run's NaN or inf loss ranks last rather than breaking the comparison."""
+        return min(self.tried, key=lambda r: self.tried[r] if math.isfinite(self.tried[r]) else math.inf)
 
     @property
     def at_edge(self) -> bool:
@@ -81,7 +82,7 @@ def sweep_method(method: str, start: float, score: Callable[[float], float], max
 
 def markdown(sweeps: Sequence[MethodSweep], command: str, budget: str) -> str:
     lines = [f"`{command}` ({budget}; eval loss, lower is better; **bold**: chosen)", ""]
-    lines += ["| method | " + " | ".join(["rate", "eval loss"]) + " |", "|---|---|---|"]
+    lines += ["| method | rate | eval loss |", "|---|---|---|"]
     for s in sweeps:
         for rate in sorted(s.tried):
             loss = f"{s.tried[rate]:.4f}"

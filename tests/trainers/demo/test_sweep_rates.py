@@ -45,6 +45,12 @@ def test_an_edge_best_walks_outward_until_interior_or_the_cap() -> None:
     assert calls == [1e-3, 3e-3, 1e-2, 3e-4, 1e-4] and result.best == 3e-4 and not result.at_edge
 
 
+def test_a_diverged_rate_ranks_last() -> None:
+    losses = {1e-3: 2.0, 3e-3: 1.5, 1e-2: math.nan, 3e-2: math.inf}
+    result = sweep_method("lora", 3e-3, losses.__getitem__)
+    assert result.best == 3e-3 and not result.at_edge and result.extended == 0
+
+
 def test_report_marks_the_choice_and_gives_the_recipe_line() -> None:
     _, score = _bowl(1e-2)
     text = markdown([sweep_method("flora", 1e-2, score)], "python -m x", "5 steps")
