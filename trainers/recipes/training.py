@@ -310,6 +310,24 @@ def set_generation_language(model: Any, recipe: Recipe) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- run
+def final_evaluation(trainer: Any) -> dict[str, float]:
+    """The trained model's eval metrics. With step-based evaluation the Trainer already evaluates at the last step
+    (transformers does so whenever that step was not an eval step anyway), so its logged result is reused instead
+    of evaluating the same weights twice; with ``load_best_model_at_end`` the kept model is another checkpoint's,
+    and a Trainer that did not log an eval there (older releases) is asked for one."""
+    step = trainer.state.global_step
+    logged = [
+        entry for entry in trainer.state.log_history
+        if entry.get("step") == step and any(k.startswith("eval_") and k.endswith("_loss") for k in entry)
+    ]  # fmt: skip
+    if not logged or trainer.args.load_best_model_at_end:
+        return trainer.evaluate()
+    metrics: dict[str, float] = {}
+    for entry in logged:  # one entry per eval dataset (one per language in a multi-language run)
+        metrics.update({k: v for k, v in entry.items() if k != "step"})
+    return metrics
+
+
 def train(
     recipe: Recipe, progress: bool = True, base: Optional[LoadedBase] = None, data: Optional[RecipeData] = None
 ) -> TrainResult:
@@ -334,7 +352,7 @@ def train(
     trainer.train(resume_from_checkpoint=resume)
     metrics: dict[str, float] = {"train_seconds": round(time.perf_counter() - start, 2)}
     if data.eval:
-        metrics.update(trainer.evaluate())
+        metrics.update(final_evaluation(trainer))
     adapter_dirs = {lang: output_dir / recipe.adapter_name(lang) for lang in recipe.languages}
     history = list(trainer.state.log_history)
     try:
