@@ -411,15 +411,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     log_progress_only()
+    command = shlex.join(["python", "-m", "trainers.demo.reproduce_small", *argv])
     if args.merge:
         report = merged(args.merge)
-        report.settings["command"] = shlex.join(["python", "-m", "trainers.demo.reproduce_small", *argv])
+        report.settings["command"] = command
         write(report, args.out)
         print_table(report)
         print(f"results: {args.out / 'results.md'}, {args.out / 'results.json'}")
         return 0
     methods = [m for m in args.methods.split(",") if m]
-    command = shlex.join(["python", "-m", "trainers.demo.reproduce_small", *argv])
     report = Report(
         settings={
             "command": command, "methods": methods, "code_steps": args.code_steps,
